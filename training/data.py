@@ -264,8 +264,11 @@ def load_image_folder(
         n_test = max(1, round(len(members) * test_split)) if len(members) > 1 else 0
         test_idx.extend(members[:n_test].tolist())
         train_idx.extend(members[n_test:].tolist())
+    if not test_idx or not train_idx:
+        raise DataError(f"{root}: too few images for a train/test split ({len(files)} files)")
     images = np.stack([decode_image(path, (image_size, image_size), channels) for path, _ in files])
-    train, test = np.array(sorted(train_idx)), np.array(sorted(test_idx))
+    train = np.array(sorted(train_idx), dtype=np.int64)
+    test = np.array(sorted(test_idx), dtype=np.int64)
     return Dataset(
         x_train=images[train],
         y_train=labels[train],

@@ -1,0 +1,110 @@
+"""Smoke runs of every family for one epoch on the committed sample, and what a run writes."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import train_config
+from training.errors import ConfigError
+from training.run import run
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _read(run_dir: Path, name: str) -> dict:
+    return json.loads((run_dir / name).read_text())
+
+
+def test_a_run_directory_holds_everything(seed_run: Path) -> None:
+    for name in ("model.keras", "config.json", "metrics.json", "history.csv", "samples.npz"):
+        assert (seed_run / name).is_file(), name
+    figures = sorted(p.name for p in (seed_run / "figures").iterdir())
+    assert figures == ["bottleneck.png", "confusion_matrix.png", "filters.png",
+                       "learning_curves.png"]
+    for figure in figures:
+        assert (seed_run / "figures" / figure).read_bytes()[:8] == PNG
+
+    metrics = _read(seed_run, "metrics.json")
+    assert len(metrics["epochs"]) == 1
+    row = metrics["epochs"][0]
+    assert set(row) >= {"epoch", "loss", "accuracy", "val_loss", "val_accuracy", "learning_rate"}
+    matrix = np.array(metrics["test"]["confusion_matrix"])
+    assert matrix.shape == (10, 10) and matrix.sum() == 500
+    assert metrics["test_accuracy"] == pytest.approx(np.trace(matrix) / 500)
+    assert set(metrics["test"]["per_class_accuracy"]) == set(_read(seed_run, "config.json")
+                                                             ["dataset"]["labels"])
+    with (seed_run / "history.csv").open() as handle:
+        assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1]
+
+    config = _read(seed_run, "config.json")
+    assert config["config"]["family"] == "scratch" and config["config"]["arch"] == "seed"
+    assert config["model"]["parameters"] == 4320
+    assert config["dataset"]["train_size"] == 2000
+
+
+def test_same_seed_same_numbers(seed_run: Path, tmp_path: Path) -> None:
+    run(train_config(tmp_path / "again"))
+    first, second = _read(seed_run, "metrics.json"), _read(tmp_path / "again", "metrics.json")
+    assert first["test"] == second["test"]
+    assert first["epochs"][0]["loss"] == second["epochs"][0]["loss"]
+
+
+def test_default_arch_learns_on_the_sample(tmp_path: Path) -> None:
+    summary = run(train_config(tmp_path / "default", arch="default", epochs=3))
+    metrics = _read(tmp_path / "default", "metrics.json")
+    assert summary["test_accuracy"] == metrics["test_accuracy"]
+    assert metrics["epochs"][-1]["loss"] < metrics["epochs"][0]["loss"]
+    assert metrics["epochs"][0]["learning_rate"] > metrics["epochs"][-1]["learning_rate"]  # cosine
+
+
+def test_transfer_reports_three_accuracies_per_phase(tmp_path: Path) -> None:
+    run(train_config(tmp_path / "transfer", "transfer", pretrain_classes=(3, 4, 5, 6, 7, 8, 9)))
+    metrics = _read(tmp_path / "transfer", "metrics.json")
+    transfer = metrics["transfer"]
+    assert transfer["new_classes"] == [0, 1, 2]
+    for phase in ("after_pretrain", "after_transfer"):
+        assert set(transfer[phase]) == {"all", "pretrain_classes", "new_classes"}
+    # Pretrained on classes 3-9 only, a 10-way softmax never predicts 0-2 correctly... rarely.
+    assert transfer["after_pretrain"]["new_classes"] < 0.2
+    assert transfer["after_transfer"]["all"] == pytest.approx(metrics["test_accuracy"])
+    assert [r["phase"] for r in metrics["epochs"]] == ["pretrain", "transfer"]
+    assert (tmp_path / "transfer" / "figures" / "transfer_bottleneck.png").is_file()
+
+
+def test_vgg16_run_caches_features_and_says_its_base_is_random(vgg16_run: Path) -> None:
+    metrics = _read(vgg16_run, "metrics.json")
+    config = _read(vgg16_run, "config.json")
+    assert metrics["base_weights"] == "none" and metrics["base_weights_real"] is False
+    assert config["model"]["base_weights_real"] is False
+    cached = list((vgg16_run.parent / "cache").glob("vgg16-features-*.npz"))
+    assert len(cached) == 1
+    with np.load(cached[0]) as features:
+        assert features["train"].shape == (2000, 512) and features["test"].shape == (500, 512)
+
+
+def test_vgg16_second_run_reads_the_cache(vgg16_run: Path, tmp_path: Path, caplog) -> None:
+    caplog.set_level("INFO")
+    run(train_config(tmp_path / "again", "vgg16", cache_dir=str(vgg16_run.parent / "cache")))
+    assert any("cache hit" in record.getMessage() for record in caplog.records)
+    assert _read(tmp_path / "again", "metrics.json")["test"] == \
+        _read(vgg16_run, "metrics.json")["test"]
+
+
+def test_run_refuses_to_overwrite(seed_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="already holds files"):
+        run(train_config(seed_run))
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "thesis.txt").write_text("precious")
+    with pytest.raises(ConfigError, match="not a training run"):
+        run(train_config(tmp_path / "mine"), overwrite=True)
+    assert (tmp_path / "mine" / "thesis.txt").read_text() == "precious"
+
+
+def test_transfer_rejects_classes_outside_the_dataset(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="must name classes 0-9"):
+        run(train_config(tmp_path / "t", "transfer", pretrain_classes=(3, 12)))
