@@ -22,29 +22,46 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m export",
         description="Export a training run to REPO/NAME/VERSION/{model.onnx, saved_model/, "
         "metadata.json}. Keras, the SavedModel and onnxruntime must agree on the run's real "
-        "test images, or nothing is written.")
+        "test images, or nothing is written.",
+    )
     parser.add_argument("run", type=Path, help="the training run directory (python -m training)")
-    parser.add_argument("--repository", type=Path, default=env("CNN_SERVING_REPOSITORY"),
-                        required="CNN_SERVING_REPOSITORY" not in os.environ,
-                        help="model repository root (created if missing)")
-    parser.add_argument("--name", default=env("CNN_SERVING_NAME"),
-                        required="CNN_SERVING_NAME" not in os.environ,
-                        help="model name: letters, digits, '_', '.', '-'")
-    parser.add_argument("--version", type=int, default=env("CNN_SERVING_VERSION"),
-                        help="version number to write; an existing one is an error "
-                             "(default: one past the newest)")
-    parser.add_argument("--tolerance", type=float,
-                        default=float(env("CNN_SERVING_TOLERANCE", "1e-4")),
-                        help="largest absolute difference allowed between Keras, SavedModel and "
-                             "onnxruntime outputs (default: %(default)g)")
+    parser.add_argument(
+        "--repository",
+        type=Path,
+        default=env("CNN_SERVING_REPOSITORY"),
+        required="CNN_SERVING_REPOSITORY" not in os.environ,
+        help="model repository root (created if missing)",
+    )
+    parser.add_argument(
+        "--name",
+        default=env("CNN_SERVING_NAME"),
+        required="CNN_SERVING_NAME" not in os.environ,
+        help="model name: letters, digits, '_', '.', '-'",
+    )
+    parser.add_argument(
+        "--version",
+        type=int,
+        default=env("CNN_SERVING_VERSION"),
+        help="version number to write; an existing one is an error (default: one past the newest)",
+    )
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=float(env("CNN_SERVING_TOLERANCE", "1e-4")),
+        help="largest absolute difference allowed between Keras, SavedModel and "
+        "onnxruntime outputs (default: %(default)g)",
+    )
     parser.add_argument("--quiet", action="store_true", help="only errors and the final summary")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("tf2onnx", "tensorflow", "absl"):  # converter and TF chatter at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -52,15 +69,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     from export.errors import ExportError  # noqa: PLC0415
 
     try:
-        metadata = export_run(args.run, args.repository, args.name,
-                              int(args.version) if args.version is not None else None,
-                              args.tolerance)
+        metadata = export_run(
+            args.run,
+            args.repository,
+            args.name,
+            int(args.version) if args.version is not None else None,
+            args.tolerance,
+        )
     except ExportError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    print(json.dumps({"path": metadata["path"], "name": metadata["name"],
-                      "version": metadata["version"], "parity": metadata["parity"],
-                      "test_accuracy": metadata["training"]["test_accuracy"]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "path": metadata["path"],
+                "name": metadata["name"],
+                "version": metadata["version"],
+                "parity": metadata["parity"],
+                "test_accuracy": metadata["training"]["test_accuracy"],
+            },
+            indent=2,
+        )
+    )
     return 0
 
 

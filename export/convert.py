@@ -49,13 +49,14 @@ def save_savedmodel(model: keras.Model, path: Path) -> None:
 
 def to_onnx(model: keras.Model, metadata: dict[str, Any], version: int) -> onnx.ModelProto:
     """Convert with tf2onnx at the pinned opset, check the graph, embed the metadata."""
-    proto, _ = tf2onnx.convert.from_keras(model, input_signature=(input_spec(model),),
-                                          opset=OPSET)
+    proto, _ = tf2onnx.convert.from_keras(model, input_signature=(input_spec(model),), opset=OPSET)
     inputs = [i.name for i in proto.graph.input]
     outputs = [o.name for o in proto.graph.output]
     if inputs != [INPUT_NAME] or sorted(outputs) != sorted(OUTPUT_NAMES):
-        raise ExportError(f"converted graph has inputs {inputs} and outputs {outputs}; expected "
-                          f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}")
+        raise ExportError(
+            f"converted graph has inputs {inputs} and outputs {outputs}; expected "
+            f"[{INPUT_NAME!r}] and {list(OUTPUT_NAMES)}"
+        )
     proto.model_version = version
     proto.doc_string = f"cnn-serving model {metadata['name']} version {version}"
     set_metadata_props(proto, metadata)

@@ -21,16 +21,26 @@ from export.repository import choose_version, staged_version, validate_name
 
 log = logging.getLogger(__name__)
 
-PACKAGES = ("tensorflow-cpu", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime-gpu",
-            "onnxruntime", "numpy")
+PACKAGES = (
+    "tensorflow-cpu",
+    "tensorflow",
+    "keras",
+    "tf2onnx",
+    "onnx",
+    "onnxruntime-gpu",
+    "onnxruntime",
+    "numpy",
+)
 
 
 def load_run(run_dir: Path) -> tuple[keras.Model, dict[str, Any], dict[str, Any], np.ndarray]:
     """The run's model, config.json, metrics.json and parity images; clear errors if absent."""
     if not run_dir.is_dir():
         raise ExportError(f"{run_dir}: no such run directory")
-    files = {name: run_dir / name for name in ("model.keras", "config.json", "metrics.json",
-                                               "samples.npz")}
+    files = {
+        name: run_dir / name
+        for name in ("model.keras", "config.json", "metrics.json", "samples.npz")
+    }
     missing = [name for name, path in files.items() if not path.is_file()]
     if missing:
         raise ExportError(f"{run_dir}: not a finished training run (missing {', '.join(missing)})")
@@ -70,8 +80,14 @@ def build_metadata(
         "family": train["family"],
         "arch": train["arch"],
         "labels": labels,
-        "input": {"name": convert.INPUT_NAME, "dtype": "uint8", "layout": "NHWC",
-                  "height": int(height), "width": int(width), "channels": int(channels)},
+        "input": {
+            "name": convert.INPUT_NAME,
+            "dtype": "uint8",
+            "layout": "NHWC",
+            "height": int(height),
+            "width": int(width),
+            "channels": int(channels),
+        },
         "outputs": [
             {"name": "probabilities", "dtype": "float32", "shape": [-1, len(labels)]},
             {"name": "bottleneck", "dtype": "float32", "shape": [-1, 2]},
@@ -103,7 +119,10 @@ def sha256_file(path: Path) -> str:
 
 
 def export_run(
-    run_dir: Path, repository: Path, name: str, version: int | None = None,
+    run_dir: Path,
+    repository: Path,
+    name: str,
+    version: int | None = None,
     tolerance: float = parity.TOLERANCE,
 ) -> dict[str, Any]:
     """Write REPO/NAME/V/{model.onnx, saved_model/, metadata.json}; returns metadata.json."""
@@ -118,12 +137,20 @@ def export_run(
         convert.save_savedmodel(model, staging / "saved_model")
         proto = convert.to_onnx(model, metadata, chosen)
         onnx.save_model(proto, staging / "model.onnx")
-        report = parity.check(model, staging / "saved_model", staging / "model.onnx", images,
-                              tolerance)
+        report = parity.check(
+            model, staging / "saved_model", staging / "model.onnx", images, tolerance
+        )
         metadata["parity"] = report
-        metadata["onnx"] = {"file": "model.onnx", "opset": convert.OPSET,
-                            "sha256": sha256_file(staging / "model.onnx")}
+        metadata["onnx"] = {
+            "file": "model.onnx",
+            "opset": convert.OPSET,
+            "sha256": sha256_file(staging / "model.onnx"),
+        }
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
-    log.info("parity on %d images: savedmodel %.2e, onnxruntime %.2e (max abs)", len(images),
-             report["savedmodel"]["max_abs_diff"], report["onnxruntime"]["max_abs_diff"])
+    log.info(
+        "parity on %d images: savedmodel %.2e, onnxruntime %.2e (max abs)",
+        len(images),
+        report["savedmodel"]["max_abs_diff"],
+        report["onnxruntime"]["max_abs_diff"],
+    )
     return metadata | {"path": str(model_dir / str(chosen))}

@@ -37,19 +37,26 @@ def compare(
 ) -> dict[str, float | int]:
     """Largest absolute difference over both outputs, and how many argmaxes differ."""
     diff = max(float(np.abs(reference[n] - candidate[n]).max()) for n in OUTPUT_NAMES)
-    flips = int(np.sum(reference["probabilities"].argmax(1) != candidate["probabilities"].argmax(1)))
+    flips = int(
+        np.sum(reference["probabilities"].argmax(1) != candidate["probabilities"].argmax(1))
+    )
     return {"max_abs_diff": diff, "argmax_mismatches": flips}
 
 
 def check(
-    model: Any, savedmodel: Path, onnx_file: Path, images: np.ndarray,
+    model: Any,
+    savedmodel: Path,
+    onnx_file: Path,
+    images: np.ndarray,
     tolerance: float = TOLERANCE,
 ) -> dict[str, Any]:
     """Run all three on `images`; raise ParityError naming the gap, else return the report."""
     reference = keras_outputs(model, images)
     report: dict[str, Any] = {"images": int(len(images)), "tolerance": tolerance}
-    for name, outputs in (("savedmodel", savedmodel_outputs(savedmodel, images)),
-                          ("onnxruntime", onnx_outputs(onnx_file, images))):
+    for name, outputs in (
+        ("savedmodel", savedmodel_outputs(savedmodel, images)),
+        ("onnxruntime", onnx_outputs(onnx_file, images)),
+    ):
         result = compare(reference, outputs)
         report[name] = result
         if result["max_abs_diff"] > tolerance or result["argmax_mismatches"]:

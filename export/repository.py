@@ -23,8 +23,10 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 
 def validate_name(name: str) -> str:
     if not NAME_PATTERN.match(name):
-        raise ExportError(f"model name {name!r} must be 1-128 letters, digits, '_', '.' or '-', "
-                          "starting with a letter or digit")
+        raise ExportError(
+            f"model name {name!r} must be 1-128 letters, digits, '_', '.' or '-', "
+            "starting with a letter or digit"
+        )
     return name
 
 
@@ -32,8 +34,11 @@ def versions(model_dir: Path) -> list[int]:
     """The versions present under REPO/NAME, ascending (non-numeric entries are ignored)."""
     if not model_dir.is_dir():
         return []
-    return sorted(int(p.name) for p in model_dir.iterdir()
-                  if p.is_dir() and p.name.isdigit() and int(p.name) > 0)
+    return sorted(
+        int(p.name)
+        for p in model_dir.iterdir()
+        if p.is_dir() and p.name.isdigit() and int(p.name) > 0
+    )
 
 
 def choose_version(model_dir: Path, requested: int | None) -> int:
@@ -44,8 +49,10 @@ def choose_version(model_dir: Path, requested: int | None) -> int:
     if requested <= 0:
         raise ExportError(f"--version must be a positive integer, got {requested}")
     if (model_dir / str(requested)).exists():
-        raise ExportError(f"{model_dir / str(requested)} already exists; versions are never "
-                          "overwritten (omit --version to take the next free one)")
+        raise ExportError(
+            f"{model_dir / str(requested)} already exists; versions are never "
+            "overwritten (omit --version to take the next free one)"
+        )
     return requested
 
 
@@ -61,8 +68,9 @@ def staged_version(model_dir: Path, version: int) -> Iterator[Path]:
         yield staging
         final = model_dir / str(version)
         if final.exists():
-            raise ExportError(f"{final} appeared while exporting; nothing was overwritten, run "
-                              "the export again")
+            raise ExportError(
+                f"{final} appeared while exporting; nothing was overwritten, run the export again"
+            )
         staging.rename(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

@@ -24,10 +24,16 @@ def train_config(out: Path, family: str = "scratch", **changes):
     arch = changes.pop("arch", "seed" if family != "vgg16" else "vgg16")
     defaults = ARCH_DEFAULTS[arch]
     values = {
-        "family": family, "arch": arch, "out": str(out), "epochs": 1,
-        "batch_size": defaults["batch_size"], "learning_rate": defaults["learning_rate"],
-        "schedule": defaults["schedule"], "augment": defaults["augment"],
-        "data_dir": str(SAMPLE_DIR), "seed": 7,
+        "family": family,
+        "arch": arch,
+        "out": str(out),
+        "epochs": 1,
+        "batch_size": defaults["batch_size"],
+        "learning_rate": defaults["learning_rate"],
+        "schedule": defaults["schedule"],
+        "augment": defaults["augment"],
+        "data_dir": str(SAMPLE_DIR),
+        "seed": 7,
     }
     if family == "vgg16":
         values |= {"base_weights": "none", "image_size": 32}

@@ -64,88 +64,174 @@ def _fraction(text: str) -> float:
 
 def _common(parser: argparse.ArgumentParser, family: str) -> None:
     data = parser.add_argument_group("data")
-    data.add_argument("--data-dir", type=Path, default=_env("data_dir"),
-                      help="folder with the four Fashion-MNIST IDX files (gzipped or not); "
-                           "default: /usr/share/datasets/fashion-mnist (Debian package "
-                           "dataset-fashion-mnist), else Keras's download")
-    data.add_argument("--image-dir", type=Path, default=_env("image_dir"),
-                      help="train on labelled image folders instead (one sub-folder per class, "
-                           "any format Pillow reads); default: none (Fashion-MNIST)")
-    data.add_argument("--image-size", type=_positive_int, default=_env("image_size"),
-                      help="with --image-dir: the side in pixels images are resized to (required); "
-                           "vgg16: the side VGG16 sees (default 32, at least 32)")
-    data.add_argument("--channels", type=int, choices=(1, 3), default=int(_env("channels", 3)),
-                      help="with --image-dir: 1 (grayscale) or 3 (RGB) (default: %(default)s)")
-    data.add_argument("--test-split", type=_fraction, default=float(_env("test_split", 0.2)),
-                      help="with --image-dir: share of each class held out as the test set, "
-                           "fixed by --seed (default: %(default)s)")
-    data.add_argument("--val-split", type=_fraction, default=float(_env("val_split", 0.1)),
-                      help="share of the training set held out for validation curves; 0: none "
-                           "(default: %(default)s)")
+    data.add_argument(
+        "--data-dir",
+        type=Path,
+        default=_env("data_dir"),
+        help="folder with the four Fashion-MNIST IDX files (gzipped or not); "
+        "default: /usr/share/datasets/fashion-mnist (Debian package "
+        "dataset-fashion-mnist), else Keras's download",
+    )
+    data.add_argument(
+        "--image-dir",
+        type=Path,
+        default=_env("image_dir"),
+        help="train on labelled image folders instead (one sub-folder per class, "
+        "any format Pillow reads); default: none (Fashion-MNIST)",
+    )
+    data.add_argument(
+        "--image-size",
+        type=_positive_int,
+        default=_env("image_size"),
+        help="with --image-dir: the side in pixels images are resized to (required); "
+        "vgg16: the side VGG16 sees (default 32, at least 32)",
+    )
+    data.add_argument(
+        "--channels",
+        type=int,
+        choices=(1, 3),
+        default=int(_env("channels", 3)),
+        help="with --image-dir: 1 (grayscale) or 3 (RGB) (default: %(default)s)",
+    )
+    data.add_argument(
+        "--test-split",
+        type=_fraction,
+        default=float(_env("test_split", 0.2)),
+        help="with --image-dir: share of each class held out as the test set, "
+        "fixed by --seed (default: %(default)s)",
+    )
+    data.add_argument(
+        "--val-split",
+        type=_fraction,
+        default=float(_env("val_split", 0.1)),
+        help="share of the training set held out for validation curves; 0: none "
+        "(default: %(default)s)",
+    )
     fit = parser.add_argument_group("fitting")
-    fit.add_argument("--epochs", type=_positive_int, default=_env("epochs"),
-                     help=f"passes over the training set ({DEFAULTS_NOTE})")
-    fit.add_argument("--batch-size", type=_positive_int, default=_env("batch_size"),
-                     help=f"images per step ({DEFAULTS_NOTE})")
-    fit.add_argument("--learning-rate", type=float, default=_env("learning_rate"),
-                     help=f"Adam's (initial) learning rate ({DEFAULTS_NOTE})")
-    fit.add_argument("--schedule", choices=SCHEDULES, default=_env("schedule"),
-                     help=f"learning rate: cosine decay to 1%% or constant ({DEFAULTS_NOTE})")
-    fit.add_argument("--augment", action=argparse.BooleanOptionalAction, default=_env("augment"),
-                     help=f"random flips and shifts of up to 1/14 of the side ({DEFAULTS_NOTE})")
-    fit.add_argument("--seed", type=int, default=int(_env("seed", 0)),
-                     help="seeds splits, initialisation and shuffling: same seed, same data, same "
-                          "numbers (default: %(default)s)")
+    fit.add_argument(
+        "--epochs",
+        type=_positive_int,
+        default=_env("epochs"),
+        help=f"passes over the training set ({DEFAULTS_NOTE})",
+    )
+    fit.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=_env("batch_size"),
+        help=f"images per step ({DEFAULTS_NOTE})",
+    )
+    fit.add_argument(
+        "--learning-rate",
+        type=float,
+        default=_env("learning_rate"),
+        help=f"Adam's (initial) learning rate ({DEFAULTS_NOTE})",
+    )
+    fit.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        default=_env("schedule"),
+        help=f"learning rate: cosine decay to 1%% or constant ({DEFAULTS_NOTE})",
+    )
+    fit.add_argument(
+        "--augment",
+        action=argparse.BooleanOptionalAction,
+        default=_env("augment"),
+        help=f"random flips and shifts of up to 1/14 of the side ({DEFAULTS_NOTE})",
+    )
+    fit.add_argument(
+        "--seed",
+        type=int,
+        default=int(_env("seed", 0)),
+        help="seeds splits, initialisation and shuffling: same seed, same data, same "
+        "numbers (default: %(default)s)",
+    )
     out = parser.add_argument_group("output")
-    out.add_argument("--out", type=Path, default=_env("out", Path("runs") / family),
-                     help="run directory to write (default: %(default)s)")
-    out.add_argument("--overwrite", action="store_true",
-                     help="replace an existing run directory (default: refuse)")
+    out.add_argument(
+        "--out",
+        type=Path,
+        default=_env("out", Path("runs") / family),
+        help="run directory to write (default: %(default)s)",
+    )
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace an existing run directory (default: refuse)",
+    )
     out.add_argument("--quiet", action="store_true", help="only errors and the final summary")
 
 
 def build_parser() -> argparse.ArgumentParser:
     epilog = "per-architecture defaults (epochs, batch size, learning rate, schedule, augment):\n"
     for arch, values in ARCH_DEFAULTS.items():
-        epilog += f"  {arch:8s} {values['epochs']:3d}  {values['batch_size']:4d}  " \
-                  f"{values['learning_rate']:.0e}  {values['schedule']:8s}  {values['augment']}\n"
+        epilog += (
+            f"  {arch:8s} {values['epochs']:3d}  {values['batch_size']:4d}  "
+            f"{values['learning_rate']:.0e}  {values['schedule']:8s}  {values['augment']}\n"
+        )
     epilog += "every option is also an environment variable CNN_SERVING_<OPTION>."
     parser = argparse.ArgumentParser(
-        prog="python -m training", description="Train an image classifier with a 2-D bottleneck "
-        "and write a run directory (model.keras, config.json, metrics.json, history.csv, figures/).",
-        epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
+        prog="python -m training",
+        description="Train an image classifier with a 2-D bottleneck and write a run "
+        "directory (model.keras, config.json, metrics.json, history.csv, figures/).",
+        epilog=epilog,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="family", required=True, metavar="FAMILY")
-    kinds = {"scratch": "a CNN trained from scratch (the seed network or the stronger default)",
-             "vgg16": "a frozen VGG16 base with a dense head trained on cached features",
-             "transfer": "the seed's transfer experiment: pretrain on some classes, freeze the "
-                         "convolutions, retrain the dense layers on all classes"}
+    kinds = {
+        "scratch": "a CNN trained from scratch (the seed network or the stronger default)",
+        "vgg16": "a frozen VGG16 base with a dense head trained on cached features",
+        "transfer": "the seed's transfer experiment: pretrain on some classes, freeze the "
+        "convolutions, retrain the dense layers on all classes",
+    }
     for family, text in kinds.items():
-        p = sub.add_parser(family, help=text, description=text, epilog=epilog,
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        p = sub.add_parser(
+            family,
+            help=text,
+            description=text,
+            epilog=epilog,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if family in ("scratch", "transfer"):
-            p.add_argument("--arch", choices=("seed", "default"),
-                           default=_env("arch", "default" if family == "scratch" else "seed"),
-                           help="seed: the seed notebook's 4,320-parameter network; default: "
-                                "the stronger 32-64-128 network (default: %(default)s)")
+            p.add_argument(
+                "--arch",
+                choices=("seed", "default"),
+                default=_env("arch", "default" if family == "scratch" else "seed"),
+                help="seed: the seed notebook's 4,320-parameter network; default: "
+                "the stronger 32-64-128 network (default: %(default)s)",
+            )
         if family == "vgg16":
-            p.add_argument("--base-weights", default=_env("base_weights", "imagenet"),
-                           help="imagenet (downloaded by Keras, needs internet), none (random "
-                                "and frozen: for offline tests; every report says so) or PATH "
-                                "of a local Keras weights file (default: %(default)s)")
-            p.add_argument("--cache-dir", type=Path, default=_env("cache_dir"),
-                           help="where VGG16 features are cached, keyed by data + weights + size "
-                                "(default: RUN/cache)")
-            p.add_argument("--head-units", type=_positive_int,
-                           default=int(_env("head_units", 256)),
-                           help="units of the dense layer before the bottleneck "
-                                "(default: %(default)s)")
+            p.add_argument(
+                "--base-weights",
+                default=_env("base_weights", "imagenet"),
+                help="imagenet (downloaded by Keras, needs internet), none (random "
+                "and frozen: for offline tests; every report says so) or PATH "
+                "of a local Keras weights file (default: %(default)s)",
+            )
+            p.add_argument(
+                "--cache-dir",
+                type=Path,
+                default=_env("cache_dir"),
+                help="where VGG16 features are cached, keyed by data + weights + size "
+                "(default: RUN/cache)",
+            )
+            p.add_argument(
+                "--head-units",
+                type=_positive_int,
+                default=int(_env("head_units", 256)),
+                help="units of the dense layer before the bottleneck (default: %(default)s)",
+            )
         if family == "transfer":
-            p.add_argument("--pretrain-classes", type=parse_classes,
-                           default=parse_classes(_env("pretrain_classes", "3-9")),
-                           help="classes to pretrain on, like 3-9 or 0,2,4 (default: 3-9)")
-            p.add_argument("--pretrain-epochs", type=_positive_int,
-                           default=_env("pretrain_epochs"),
-                           help="epochs of the pretraining phase (default: --epochs)")
+            p.add_argument(
+                "--pretrain-classes",
+                type=parse_classes,
+                default=parse_classes(_env("pretrain_classes", "3-9")),
+                help="classes to pretrain on, like 3-9 or 0,2,4 (default: 3-9)",
+            )
+            p.add_argument(
+                "--pretrain-epochs",
+                type=_positive_int,
+                default=_env("pretrain_epochs"),
+                help="epochs of the pretraining phase (default: --epochs)",
+            )
         _common(p, family)
     return parser
 
@@ -181,15 +267,19 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         cache_dir=str(args.cache_dir) if getattr(args, "cache_dir", None) else None,
         head_units=getattr(args, "head_units", 256),
         pretrain_classes=getattr(args, "pretrain_classes", ()),
-        pretrain_epochs=(int(args.pretrain_epochs) if getattr(args, "pretrain_epochs", None)
-                         else None),
+        pretrain_epochs=(
+            int(args.pretrain_epochs) if getattr(args, "pretrain_epochs", None) else None
+        ),
     )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
-                        format="%(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.WARNING if args.quiet else logging.INFO,
+        format="%(message)s",
+        stream=sys.stderr,
+    )
     for noisy in ("tf2onnx", "tensorflow", "absl"):  # converter and TF chatter at INFO
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter

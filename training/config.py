@@ -13,12 +13,27 @@ SCHEDULES = ("cosine", "constant")
 # Per architecture: what `--epochs`, `--batch-size`, `--learning-rate`, `--schedule` and
 # `--augment` mean when not given. The seed network keeps the seed notebook's recipe.
 ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
-    "seed": {"epochs": 50, "batch_size": 32, "learning_rate": 1e-3, "schedule": "constant",
-             "augment": False},
-    "default": {"epochs": 15, "batch_size": 128, "learning_rate": 2e-3, "schedule": "cosine",
-                "augment": True},
-    "vgg16": {"epochs": 15, "batch_size": 128, "learning_rate": 1e-3, "schedule": "cosine",
-              "augment": False},
+    "seed": {
+        "epochs": 50,
+        "batch_size": 32,
+        "learning_rate": 1e-3,
+        "schedule": "constant",
+        "augment": False,
+    },
+    "default": {
+        "epochs": 15,
+        "batch_size": 128,
+        "learning_rate": 2e-3,
+        "schedule": "cosine",
+        "augment": True,
+    },
+    "vgg16": {
+        "epochs": 15,
+        "batch_size": 128,
+        "learning_rate": 1e-3,
+        "schedule": "cosine",
+        "augment": False,
+    },
 }
 
 

@@ -47,7 +47,14 @@ IMAGE_EXTENSIONS = frozenset(
     {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 )
 
-_IDX_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_IDX_DTYPES: dict[int, str] = {
+    0x08: "u1",
+    0x09: "i1",
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 @dataclass(frozen=True)
@@ -169,7 +176,9 @@ def load_fashion_mnist(data_dir: Path | None = None) -> Dataset:
         return read_fashion_mnist_dir(data_dir)
     if DEBIAN_FASHION_MNIST.is_dir():
         return read_fashion_mnist_dir(DEBIAN_FASHION_MNIST)
-    log.info("no --data-dir and no %s: asking Keras to download Fashion-MNIST", DEBIAN_FASHION_MNIST)
+    log.info(
+        "no --data-dir and no %s: asking Keras to download Fashion-MNIST", DEBIAN_FASHION_MNIST
+    )
     return _download_fashion_mnist()
 
 
@@ -201,14 +210,16 @@ def list_labelled_images(root: Path) -> tuple[tuple[str, ...], list[tuple[Path, 
     """Class names (sorted sub-folder names) and (path, class index) for every image file."""
     if not root.is_dir():
         raise DataError(f"{root}: no such directory (--image-dir)")
-    classes = tuple(sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")))
+    classes = tuple(
+        sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    )
     if len(classes) < 2:
-        raise DataError(f"{root}: needs one sub-folder per class, at least two; found {len(classes)}")
+        raise DataError(
+            f"{root}: needs one sub-folder per class, at least two; found {len(classes)}"
+        )
     files: list[tuple[Path, int]] = []
     for index, name in enumerate(classes):
-        found = sorted(
-            p for p in _walk_files(root / name) if p.suffix.lower() in IMAGE_EXTENSIONS
-        )
+        found = sorted(p for p in _walk_files(root / name) if p.suffix.lower() in IMAGE_EXTENSIONS)
         if not found:
             raise DataError(f"{root / name}: class folder holds no image files")
         files.extend((p, index) for p in found)
@@ -227,10 +238,9 @@ def decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray
     from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415
 
     try:
-        with Image.open(path) as image:
-            image.seek(0)  # first frame of animations
-            image = ImageOps.exif_transpose(image)
-            image = image.convert("L" if channels == 1 else "RGB")
+        with Image.open(path) as opened:
+            opened.seek(0)  # first frame of animations
+            image = ImageOps.exif_transpose(opened).convert("L" if channels == 1 else "RGB")
             if image.size != (size[1], size[0]):
                 image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
@@ -280,7 +290,9 @@ def load_image_folder(
     )
 
 
-def select_classes(x: np.ndarray, y: np.ndarray, classes: Iterable[int]) -> tuple[np.ndarray, np.ndarray]:
+def select_classes(
+    x: np.ndarray, y: np.ndarray, classes: Iterable[int]
+) -> tuple[np.ndarray, np.ndarray]:
     """The images and labels whose label is one of `classes` (labels keep their numbering)."""
     mask = np.isin(y, list(classes))
     return x[mask], y[mask]

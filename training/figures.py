@@ -69,8 +69,15 @@ def _scatter(ax: Any, points: np.ndarray, classes: np.ndarray, labels: Sequence[
     cmap = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     for index, label in enumerate(labels):
         mask = classes == index
-        ax.scatter(points[mask, 0], points[mask, 1], s=4, alpha=0.5, color=cmap(index % cmap.N),
-                   label=label, rasterized=True)
+        ax.scatter(
+            points[mask, 0],
+            points[mask, 1],
+            s=4,
+            alpha=0.5,
+            color=cmap(index % cmap.N),
+            label=label,
+            rasterized=True,
+        )
     ax.set_xlabel("bottleneck x")
     ax.set_ylabel("bottleneck y")
     ax.grid(alpha=0.3)

@@ -85,9 +85,15 @@ class EpochLine(keras.callbacks.Callback):
         log.info(
             "%sepoch %*d/%d  loss %.4f  acc %.4f  val_loss %.4f  val_acc %.4f  lr %.2e  %5.1fs",
             f"[{self.phase}] " if self.phase else "",
-            width, epoch + 1, self.epochs,
-            row["loss"], row["accuracy"], row["val_loss"], row["val_accuracy"],
-            row["learning_rate"], row["seconds"],
+            width,
+            epoch + 1,
+            self.epochs,
+            row["loss"],
+            row["accuracy"],
+            row["val_loss"],
+            row["val_accuracy"],
+            row["learning_rate"],
+            row["seconds"],
         )
 
 
@@ -110,8 +116,9 @@ def fit(
     steps = max(1, int(np.ceil(len(x) / batch_size)))
     rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
     if schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(learning_rate, decay_steps=epochs * steps,
-                                                      alpha=0.01)
+        rate = keras.optimizers.schedules.CosineDecay(
+            learning_rate, decay_steps=epochs * steps, alpha=0.01
+        )
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=rate),
         loss=keras.losses.SparseCategoricalCrossentropy(),

@@ -127,7 +127,7 @@ def vgg16_features(
 
 
 def vgg16_head(feature_dim: int, num_classes: int, hidden: int = 256) -> keras.Model:
-    """The dense head trained on cached bottleneck features: Dense(hidden) -> Dense(2) -> softmax."""
+    """The head trained on cached VGG16 features: Dense(hidden) -> Dense(2) -> softmax."""
     inputs = keras.Input(shape=(feature_dim,), name="features")
     x = layers.Dense(hidden, activation="relu", name="head_dense")(inputs)
     x = layers.Dropout(0.5, name="head_dropout")(x)

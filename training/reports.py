@@ -18,7 +18,9 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -
     return matrix
 
 
-def accuracy_on(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[int] | None = None) -> float:
+def accuracy_on(
+    y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[int] | None = None
+) -> float:
     """Accuracy over all samples, or over the samples whose true class is in `classes`."""
     mask = np.ones(len(y_true), bool) if classes is None else np.isin(y_true, list(classes))
     if not mask.any():
@@ -26,7 +28,9 @@ def accuracy_on(y_true: np.ndarray, y_pred: np.ndarray, classes: Sequence[int] |
     return float(np.mean(y_true[mask] == y_pred[mask]))
 
 
-def evaluation(y_true: np.ndarray, probabilities: np.ndarray, labels: Sequence[str]) -> dict[str, Any]:
+def evaluation(
+    y_true: np.ndarray, probabilities: np.ndarray, labels: Sequence[str]
+) -> dict[str, Any]:
     """Accuracy, per-class accuracy and confusion matrix of softmax outputs."""
     y_pred = probabilities.argmax(axis=1)
     matrix = confusion_matrix(y_true, y_pred, len(labels))

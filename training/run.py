@@ -45,8 +45,15 @@ def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     run_dir = prepare_run_dir(config.run_dir, overwrite)
     seed_everything(config.seed)
     data = load_dataset(config)
-    log.info("data: %s from %s: %d train, %d test images of %s, %d classes", data.name,
-             data.source, len(data.x_train), len(data.x_test), data.image_shape, len(data.labels))
+    log.info(
+        "data: %s from %s: %d train, %d test images of %s, %d classes",
+        data.name,
+        data.source,
+        len(data.x_train),
+        len(data.x_test),
+        data.image_shape,
+        len(data.labels),
+    )
     started = time.monotonic()
     trained = {"scratch": _fit_scratch, "vgg16": _fit_vgg16, "transfer": _fit_transfer}[
         config.family
@@ -67,20 +74,26 @@ def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         **trained.extra,
     }
     figure_paths = save_run(run_dir, config, data, trained, outputs, metrics)
-    return {"run_dir": str(run_dir), "test_accuracy": test["accuracy"],
-            "train_seconds": round(train_seconds, 1), "figures": [str(p) for p in figure_paths],
-            **{k: v for k, v in trained.extra.items() if k == "transfer"}}
+    return {
+        "run_dir": str(run_dir),
+        "test_accuracy": test["accuracy"],
+        "train_seconds": round(train_seconds, 1),
+        "figures": [str(p) for p in figure_paths],
+        **{k: v for k, v in trained.extra.items() if k == "transfer"},
+    }
 
 
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
     """An empty run directory; an existing run is replaced only with `overwrite`."""
     if run_dir.exists() and any(run_dir.iterdir()):
         if not overwrite:
-            raise ConfigError(f"{run_dir}: already holds files; choose another --out or pass "
-                              "--overwrite")
+            raise ConfigError(
+                f"{run_dir}: already holds files; choose another --out or pass --overwrite"
+            )
         if not (run_dir / "config.json").is_file():
-            raise ConfigError(f"{run_dir}: not a training run (no config.json); refusing to "
-                              "overwrite it")
+            raise ConfigError(
+                f"{run_dir}: not a training run (no config.json); refusing to overwrite it"
+            )
         shutil.rmtree(run_dir)
     (run_dir / "figures").mkdir(parents=True, exist_ok=True)
     return run_dir
@@ -90,15 +103,25 @@ def load_dataset(config: TrainConfig) -> Dataset:
     if config.image_dir is not None:
         if config.image_size is None:
             raise ConfigError("--image-size is required with --image-dir")
-        return load_image_folder(Path(config.image_dir), config.image_size, config.channels,
-                                 config.test_split, config.seed)
+        return load_image_folder(
+            Path(config.image_dir),
+            config.image_size,
+            config.channels,
+            config.test_split,
+            config.seed,
+        )
     return load_fashion_mnist(Path(config.data_dir) if config.data_dir else None)
 
 
 def _fit_args(config: TrainConfig) -> dict[str, Any]:
-    return {"epochs": config.epochs, "batch_size": config.batch_size,
-            "learning_rate": config.learning_rate, "schedule": config.schedule,
-            "augment": config.augment, "seed": config.seed}
+    return {
+        "epochs": config.epochs,
+        "batch_size": config.batch_size,
+        "learning_rate": config.learning_rate,
+        "schedule": config.schedule,
+        "augment": config.augment,
+        "seed": config.seed,
+    }
 
 
 def _fit_scratch(config: TrainConfig, data: Dataset) -> Trained:
@@ -118,8 +141,13 @@ def _fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
         raise ConfigError(f"--pretrain-classes {pretrain} must name classes 0-{num_classes - 1}")
     new = [c for c in range(num_classes) if c not in pretrain]
     model = models.build_scratch(config.arch, data.image_shape, num_classes)
-    log.info("model: transfer/%s, %d parameters; pretrain on classes %s, new classes %s",
-             config.arch, model.count_params(), pretrain, new)
+    log.info(
+        "model: transfer/%s, %d parameters; pretrain on classes %s, new classes %s",
+        config.arch,
+        model.count_params(),
+        pretrain,
+        new,
+    )
 
     x_pre, y_pre = select_classes(data.x_train, data.y_train, pretrain)
     x, y, x_val, y_val = split_validation(x_pre, y_pre, config.val_split, config.seed)
@@ -130,22 +158,41 @@ def _fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
     for layer in model.layers:  # only the dense layers learn from here on
         layer.trainable = isinstance(layer, keras.layers.Dense)
     x, y, x_val, y_val = split_validation(data.x_train, data.y_train, config.val_split, config.seed)
-    rows += fit(models.classifier_view(model), (x, y), (x_val, y_val), phase="transfer",
-                first_epoch=len(rows) + 1, **_fit_args(config))
+    rows += fit(
+        models.classifier_view(model),
+        (x, y),
+        (x_val, y_val),
+        phase="transfer",
+        first_epoch=len(rows) + 1,
+        **_fit_args(config),
+    )
     after = models.predict(model, data.x_test)
 
     def accuracies(outputs: dict[str, np.ndarray]) -> dict[str, float]:
         predicted = outputs["probabilities"].argmax(axis=1)
-        return {"all": reports.accuracy_on(data.y_test, predicted),
-                "pretrain_classes": reports.accuracy_on(data.y_test, predicted, pretrain),
-                "new_classes": reports.accuracy_on(data.y_test, predicted, new)}
+        return {
+            "all": reports.accuracy_on(data.y_test, predicted),
+            "pretrain_classes": reports.accuracy_on(data.y_test, predicted, pretrain),
+            "new_classes": reports.accuracy_on(data.y_test, predicted, new),
+        }
 
-    extra = {"transfer": {"pretrain_classes": pretrain, "new_classes": new,
-                          "after_pretrain": accuracies(before), "after_transfer": accuracies(after)}}
+    extra: dict[str, Any] = {
+        "transfer": {
+            "pretrain_classes": pretrain,
+            "new_classes": new,
+            "after_pretrain": accuracies(before),
+            "after_transfer": accuracies(after),
+        }
+    }
     for phase in ("after_pretrain", "after_transfer"):
         acc = extra["transfer"][phase]
-        log.info("%s: accuracy all %.4f, pretrain classes %.4f, new classes %.4f",
-                 phase.replace("_", " "), acc["all"], acc["pretrain_classes"], acc["new_classes"])
+        log.info(
+            "%s: accuracy all %.4f, pretrain classes %.4f, new classes %.4f",
+            phase.replace("_", " "),
+            acc["all"],
+            acc["pretrain_classes"],
+            acc["new_classes"],
+        )
     return Trained(model, rows, extra, bottleneck_before=before["bottleneck"])
 
 
@@ -158,19 +205,35 @@ def _fit_vgg16(config: TrainConfig, data: Dataset) -> Trained:
     f_train, f_test = _cached_features(config, data, extractor, image_size)
     feature_seconds = time.monotonic() - started
     head = models.vgg16_head(f_train.shape[1], len(data.labels), config.head_units)
-    log.info("model: vgg16 base (%s weights, %dx%d) + head of %d parameters on %d features",
-             config.base_weights, image_size, image_size, head.count_params(), f_train.shape[1])
+    log.info(
+        "model: vgg16 base (%s weights, %dx%d) + head of %d parameters on %d features",
+        config.base_weights,
+        image_size,
+        image_size,
+        head.count_params(),
+        f_train.shape[1],
+    )
     x, y, x_val, y_val = split_validation(f_train, data.y_train, config.val_split, config.seed)
-    rows = fit(models.classifier_view(head), (x, y), (x_val, y_val),
-               **(_fit_args(config) | {"augment": False}))
+    rows = fit(
+        models.classifier_view(head),
+        (x, y),
+        (x_val, y_val),
+        **(_fit_args(config) | {"augment": False}),
+    )
     model = models.assemble_vgg16(extractor, head)
     head_test = models.predict(head, f_test)["probabilities"]
     full_test = models.predict(model, data.x_test[:SAMPLE_IMAGES])["probabilities"]
     drift = float(np.abs(head_test[:SAMPLE_IMAGES] - full_test).max())
     if drift > 1e-3:
         raise RuntimeError(f"assembled VGG16 model disagrees with its head by {drift:.2e}")
-    return Trained(model, rows, {"feature_seconds": round(feature_seconds, 1),
-                                 "base_weights_real": config.base_weights != "none"})
+    return Trained(
+        model,
+        rows,
+        {
+            "feature_seconds": round(feature_seconds, 1),
+            "base_weights_real": config.base_weights != "none",
+        },
+    )
 
 
 def _weights_id(config: TrainConfig) -> str:
@@ -185,18 +248,19 @@ def _cached_features(
     config: TrainConfig, data: Dataset, extractor: keras.Model, image_size: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """VGG16 bottleneck features of train and test, cached on disk by data + weights + size."""
-    key = hashlib.sha256(
-        f"{data.fingerprint()}|{_weights_id(config)}|{image_size}|keras {keras.__version__}"
-        .encode()
-    ).hexdigest()[:24]
+    facts = f"{data.fingerprint()}|{_weights_id(config)}|{image_size}|keras {keras.__version__}"
+    key = hashlib.sha256(facts.encode()).hexdigest()[:24]
     cache_dir = Path(config.cache_dir) if config.cache_dir else config.run_dir / "cache"
     path = cache_dir / f"vgg16-features-{key}.npz"
     if path.is_file():
         with np.load(path) as cached:
             log.info("vgg16 features: cache hit %s", path)
             return cached["train"], cached["test"]
-    log.info("vgg16 features: computing for %d images (cache %s)",
-             len(data.x_train) + len(data.x_test), path)
+    log.info(
+        "vgg16 features: computing for %d images (cache %s)",
+        len(data.x_train) + len(data.x_test),
+        path,
+    )
     f_train = _extract(extractor, data.x_train, "train features")
     f_test = _extract(extractor, data.x_test, "test features")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -206,14 +270,17 @@ def _cached_features(
     return f_train, f_test
 
 
-def _extract(extractor: keras.Model, images: np.ndarray, what: str, chunk: int = 2048) -> np.ndarray:
+def _extract(
+    extractor: keras.Model, images: np.ndarray, what: str, chunk: int = 2048
+) -> np.ndarray:
     from tqdm import tqdm  # noqa: PLC0415
 
     parts = []
     with tqdm(total=len(images), desc=what, unit="img", disable=not sys.stderr.isatty()) as bar:
         for start in range(0, len(images), chunk):
-            parts.append(extractor.predict(images[start : start + chunk], batch_size=256,
-                                           verbose=0))
+            parts.append(
+                extractor.predict(images[start : start + chunk], batch_size=256, verbose=0)
+            )
             bar.update(len(parts[-1]))
     return np.concatenate(parts).astype(np.float32)
 
@@ -229,20 +296,38 @@ def save_run(
     """model.keras, config.json, metrics.json, history.csv, samples.npz and the figures."""
     model = trained.model
     model.save(run_dir / "model.keras")
-    reports.write_json(run_dir / "config.json", {
-        "config": config.to_json(),
-        "dataset": {"name": data.name, "source": data.source, "labels": list(data.labels),
-                    "image_shape": list(data.image_shape), "train_size": len(data.x_train),
-                    "test_size": len(data.x_test), "fingerprint": data.fingerprint()},
-        "model": {"parameters": int(model.count_params()), "outputs": list(model.output_names),
-                  "base_weights_real": config.family != "vgg16" or config.base_weights != "none"},
-        "versions": {"keras": keras.__version__, "tensorflow": _tf_version(),
-                     "numpy": np.__version__},
-    })
+    reports.write_json(
+        run_dir / "config.json",
+        {
+            "config": config.to_json(),
+            "dataset": {
+                "name": data.name,
+                "source": data.source,
+                "labels": list(data.labels),
+                "image_shape": list(data.image_shape),
+                "train_size": len(data.x_train),
+                "test_size": len(data.x_test),
+                "fingerprint": data.fingerprint(),
+            },
+            "model": {
+                "parameters": int(model.count_params()),
+                "outputs": list(model.output_names),
+                "base_weights_real": config.family != "vgg16" or config.base_weights != "none",
+            },
+            "versions": {
+                "keras": keras.__version__,
+                "tensorflow": _tf_version(),
+                "numpy": np.__version__,
+            },
+        },
+    )
     reports.write_json(run_dir / "metrics.json", metrics)
     reports.write_history_csv(run_dir / "history.csv", trained.rows)
-    np.savez_compressed(run_dir / "samples.npz", images=data.x_test[:SAMPLE_IMAGES],
-                        labels=data.y_test[:SAMPLE_IMAGES])
+    np.savez_compressed(
+        run_dir / "samples.npz",
+        images=data.x_test[:SAMPLE_IMAGES],
+        labels=data.y_test[:SAMPLE_IMAGES],
+    )
     return draw_figures(run_dir / "figures", config, data, trained, outputs, metrics)
 
 
@@ -255,30 +340,51 @@ def draw_figures(
     metrics: dict[str, Any],
 ) -> list[Path]:
     name = f"{config.family}/{config.arch}" + (
-        f" ({config.base_weights} base weights)" if config.family == "vgg16" else "")
+        f" ({config.base_weights} base weights)" if config.family == "vgg16" else ""
+    )
     accuracy = f"test accuracy {metrics['test_accuracy']:.4f}"
     paths = [
-        figures.learning_curves(folder / "learning_curves.png", trained.rows,
-                                f"{name} on {data.name}: learning curves"),
-        figures.confusion(folder / "confusion_matrix.png",
-                          np.array(metrics["test"]["confusion_matrix"]), data.labels,
-                          f"{name} on {data.name} test set ({accuracy})"),
-        figures.bottleneck(folder / "bottleneck.png", outputs["bottleneck"], data.y_test,
-                           data.labels, f"{name}: test set in the 2-D bottleneck ({accuracy})"),
+        figures.learning_curves(
+            folder / "learning_curves.png", trained.rows, f"{name} on {data.name}: learning curves"
+        ),
+        figures.confusion(
+            folder / "confusion_matrix.png",
+            np.array(metrics["test"]["confusion_matrix"]),
+            data.labels,
+            f"{name} on {data.name} test set ({accuracy})",
+        ),
+        figures.bottleneck(
+            folder / "bottleneck.png",
+            outputs["bottleneck"],
+            data.y_test,
+            data.labels,
+            f"{name}: test set in the 2-D bottleneck ({accuracy})",
+        ),
     ]
     conv = models.conv_layers(trained.model)
     if config.family != "vgg16" and conv:
-        paths.append(figures.filters(folder / "filters.png", conv[0].get_weights()[0],
-                                     f"{name}: first-layer filters"))
+        paths.append(
+            figures.filters(
+                folder / "filters.png", conv[0].get_weights()[0], f"{name}: first-layer filters"
+            )
+        )
     if trained.bottleneck_before is not None:
         transfer = metrics["transfer"]
-        paths.append(figures.bottleneck_pair(
-            folder / "transfer_bottleneck.png", trained.bottleneck_before, outputs["bottleneck"], data.y_test,
-            data.labels,
-            (f"after pretraining on classes {transfer['pretrain_classes']} "
-             f"(acc {transfer['after_pretrain']['all']:.3f})",
-             f"after retraining the dense layers on all (acc "
-             f"{transfer['after_transfer']['all']:.3f})")))
+        paths.append(
+            figures.bottleneck_pair(
+                folder / "transfer_bottleneck.png",
+                trained.bottleneck_before,
+                outputs["bottleneck"],
+                data.y_test,
+                data.labels,
+                (
+                    f"after pretraining on classes {transfer['pretrain_classes']} "
+                    f"(acc {transfer['after_pretrain']['all']:.3f})",
+                    f"after retraining the dense layers on all (acc "
+                    f"{transfer['after_transfer']['all']:.3f})",
+                ),
+            )
+        )
     return paths
 
 

@@ -1,6 +1,6 @@
 """Print what a run and its export produced, for people (used by `make demo`).
 
-    python -m training.summary RUN [EXPORT_JSON]
+python -m training.summary RUN [EXPORT_JSON]
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ def describe(run_dir: Path, export: dict[str, Any] | None) -> str:
     ]
     if metrics.get("base_weights") == "none":
         lines.append("               (random frozen VGG16 base: no pretrained weights)")
-    lines.append("figures        " + "\n               ".join(
-        str(p) for p in sorted((run_dir / "figures").glob("*.png"))))
+    lines.append(
+        "figures        "
+        + "\n               ".join(str(p) for p in sorted((run_dir / "figures").glob("*.png")))
+    )
     if export:
         onnx = export["parity"]["onnxruntime"]["max_abs_diff"]
         lines.append(f"exported       {export['path']} (model.onnx, saved_model/, metadata.json)")
-        lines.append(f"parity         onnxruntime vs Keras max abs diff {onnx:.2e} on "
-                     f"{export['parity']['images']} test images")
+        lines.append(
+            f"parity         onnxruntime vs Keras max abs diff {onnx:.2e} on "
+            f"{export['parity']['images']} test images"
+        )
     return "\n".join(lines)
 
 

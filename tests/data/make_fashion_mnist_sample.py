@@ -14,7 +14,12 @@ from pathlib import Path
 
 import numpy as np
 
-from training.data import DEBIAN_FASHION_MNIST, FASHION_MNIST_FILES, read_fashion_mnist_dir, write_idx
+from training.data import (
+    DEBIAN_FASHION_MNIST,
+    FASHION_MNIST_FILES,
+    read_fashion_mnist_dir,
+    write_idx,
+)
 
 PER_CLASS = {"train": 200, "test": 50}
 SEED = 20261123

@@ -27,15 +27,24 @@ def exported(seed_run: Path, tmp_path_factory) -> Path:
 
 def test_layout_and_metadata(exported: Path, seed_run: Path) -> None:
     version = exported / "fashion" / "1"
-    assert sorted(p.name for p in version.iterdir()) == ["metadata.json", "model.onnx",
-                                                         "saved_model"]
+    assert sorted(p.name for p in version.iterdir()) == [
+        "metadata.json",
+        "model.onnx",
+        "saved_model",
+    ]
     assert (version / "saved_model" / "saved_model.pb").is_file()
     meta = json.loads((version / "metadata.json").read_text())
     run_config = json.loads((seed_run / "config.json").read_text())
     assert meta["name"] == "fashion" and meta["version"] == 1 and meta["family"] == "scratch"
     assert meta["labels"] == run_config["dataset"]["labels"]
-    assert meta["input"] == {"name": "images", "dtype": "uint8", "layout": "NHWC",
-                             "height": 28, "width": 28, "channels": 1}
+    assert meta["input"] == {
+        "name": "images",
+        "dtype": "uint8",
+        "layout": "NHWC",
+        "height": 28,
+        "width": 28,
+        "channels": 1,
+    }
     assert [o["name"] for o in meta["outputs"]] == ["probabilities", "bottleneck"]
     metrics = json.loads((seed_run / "metrics.json").read_text())
     assert meta["training"]["test_accuracy"] == metrics["test_accuracy"]
@@ -61,8 +70,7 @@ def test_onnx_contract(exported: Path) -> None:
     assert sorted(o.name for o in model.graph.output) == ["bottleneck", "probabilities"]
     props = read_metadata_props(model)
     meta = json.loads((path.parent / "metadata.json").read_text())
-    for key in ("name", "version", "family", "labels", "input", "outputs", "training",
-                "packages"):
+    for key in ("name", "version", "family", "labels", "input", "outputs", "training", "packages"):
         assert props[key] == meta[key], key
     assert model.model_version == 1
 
@@ -73,11 +81,13 @@ def test_onnx_answers_like_keras_for_any_batch(exported: Path, seed_run: Path) -
     model = keras.saving.load_model(seed_run / "model.keras")
     with np.load(seed_run / "samples.npz") as samples:
         images = samples["images"]
-    session = ort.InferenceSession(exported / "fashion" / "1" / "model.onnx",
-                                   providers=["CPUExecutionProvider"])
+    session = ort.InferenceSession(
+        exported / "fashion" / "1" / "model.onnx", providers=["CPUExecutionProvider"]
+    )
     for n in (1, 7, 64):
-        probabilities, bottleneck = session.run(["probabilities", "bottleneck"],
-                                                {"images": images[:n]})
+        probabilities, bottleneck = session.run(
+            ["probabilities", "bottleneck"], {"images": images[:n]}
+        )
         expected = model.predict(images[:n], verbose=0)
         np.testing.assert_allclose(probabilities, expected[0], atol=1e-5)
         np.testing.assert_allclose(bottleneck, expected[1], atol=1e-4)
@@ -88,7 +98,8 @@ def test_savedmodel_signature_names_the_outputs(exported: Path) -> None:
     import tensorflow as tf
 
     serve = tf.saved_model.load(str(exported / "fashion" / "1" / "saved_model")).signatures[
-        "serving_default"]
+        "serving_default"
+    ]
     result = serve(images=tf.zeros((2, 28, 28, 1), tf.uint8))
     assert sorted(result) == ["bottleneck", "probabilities"]
     assert result["probabilities"].shape == (2, 10)
@@ -108,8 +119,11 @@ def test_versions_are_never_overwritten(exported: Path, seed_run: Path) -> None:
 
 
 def test_failed_parity_writes_nothing(seed_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(ParityError, match=r"(savedmodel|onnxruntime) disagrees with Keras on 64 real images: "
-                                          r"max abs difference .* \(tolerance -1\)"):
+    with pytest.raises(
+        ParityError,
+        match=r"(savedmodel|onnxruntime) disagrees with Keras on 64 real images: "
+        r"max abs difference .* \(tolerance -1\)",
+    ):
         # No real converter is this far off; a negative tolerance makes every export fail.
         export_run(seed_run, tmp_path, "fashion", tolerance=-1)
     assert list((tmp_path / "fashion").iterdir()) == []
@@ -126,8 +140,9 @@ def test_vgg16_export_parity(vgg16_run: Path, tmp_path: Path) -> None:
 
 def test_cli_errors_are_one_line(tmp_path: Path, seed_run: Path) -> None:
     def cli(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run([sys.executable, "-m", "export", *args], capture_output=True,
-                              text=True, timeout=300)
+        return subprocess.run(
+            [sys.executable, "-m", "export", *args], capture_output=True, text=True, timeout=300
+        )
 
     result = cli(str(tmp_path / "none"), "--repository", str(tmp_path), "--name", "m")
     assert result.returncode == 2
@@ -136,7 +151,9 @@ def test_cli_errors_are_one_line(tmp_path: Path, seed_run: Path) -> None:
     (tmp_path / "half" / "config.json").write_text("{}")
     result = cli(str(tmp_path / "half"), "--repository", str(tmp_path), "--name", "m")
     assert result.returncode == 2
-    assert "not a finished training run (missing model.keras, metrics.json, samples.npz)" in \
-        result.stderr
+    assert (
+        "not a finished training run (missing model.keras, metrics.json, samples.npz)"
+        in result.stderr
+    )
     result = cli(str(seed_run), "--repository", str(tmp_path), "--name", "../escape")
     assert result.returncode == 2 and "model name '../escape' must be" in result.stderr

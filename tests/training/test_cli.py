@@ -14,8 +14,13 @@ from training.__main__ import build_parser, parse_classes
 
 
 def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True,
-                          text=True, timeout=600, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "training", *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _one_error_line(result: subprocess.CompletedProcess[str]) -> str:
@@ -35,14 +40,21 @@ def test_help_explains_every_option() -> None:
                 assert action.help, f"{family} {action.option_strings} has no help"
     for family in ("scratch", "vgg16", "transfer"):
         text = _cli(family, "--help").stdout
-        for option in ("--data-dir", "--epochs", "--batch-size", "--learning-rate", "--seed",
-                       "--out"):
+        for option in (
+            "--data-dir",
+            "--epochs",
+            "--batch-size",
+            "--learning-rate",
+            "--seed",
+            "--out",
+        ):
             assert option in text, (family, option)
 
 
 def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
-    line = _one_error_line(_cli("scratch", "--data-dir", str(tmp_path / "nowhere"),
-                                "--out", str(tmp_path / "run")))
+    line = _one_error_line(
+        _cli("scratch", "--data-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "run"))
+    )
     assert line == f"error: {tmp_path / 'nowhere'}: no such directory (--data-dir)"
     assert not (tmp_path / "run" / "model.keras").exists()
 
@@ -51,15 +63,24 @@ def test_malformed_idx_is_one_line(sample_dir: Path, tmp_path: Path) -> None:
     for path in sample_dir.iterdir():
         (tmp_path / path.name).write_bytes(path.read_bytes())
     (tmp_path / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00truncated")
-    line = _one_error_line(_cli("scratch", "--data-dir", str(tmp_path), "--out",
-                                str(tmp_path / "run")))
+    line = _one_error_line(
+        _cli("scratch", "--data-dir", str(tmp_path), "--out", str(tmp_path / "run"))
+    )
     assert line.startswith(f"error: {tmp_path / 'train-labels-idx1-ubyte.gz'}: cannot read")
 
 
 def test_environment_variables_set_options(sample_dir: Path, tmp_path: Path) -> None:
-    result = _cli("scratch", "--arch", "seed", "--quiet",
-                  env={"CNN_SERVING_DATA_DIR": str(sample_dir), "CNN_SERVING_EPOCHS": "1",
-                       "CNN_SERVING_OUT": str(tmp_path / "run")})
+    result = _cli(
+        "scratch",
+        "--arch",
+        "seed",
+        "--quiet",
+        env={
+            "CNN_SERVING_DATA_DIR": str(sample_dir),
+            "CNN_SERVING_EPOCHS": "1",
+            "CNN_SERVING_OUT": str(tmp_path / "run"),
+        },
+    )
     assert result.returncode == 0, result.stderr
     summary = json.loads(result.stdout)
     assert summary["run_dir"] == str(tmp_path / "run")
@@ -67,7 +88,9 @@ def test_environment_variables_set_options(sample_dir: Path, tmp_path: Path) -> 
     assert config["epochs"] == 1 and config["batch_size"] == 32  # the seed recipe's batch
 
 
-@pytest.mark.parametrize(("text", "classes"), [("3-9", (3, 4, 5, 6, 7, 8, 9)),
-                                               ("0,2,5", (0, 2, 5)), ("7,0-1", (0, 1, 7))])
+@pytest.mark.parametrize(
+    ("text", "classes"),
+    [("3-9", (3, 4, 5, 6, 7, 8, 9)), ("0,2,5", (0, 2, 5)), ("7,0-1", (0, 1, 7))],
+)
 def test_class_lists(text: str, classes: tuple[int, ...]) -> None:
     assert parse_classes(text) == classes

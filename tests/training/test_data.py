@@ -60,8 +60,12 @@ def test_malformed_idx_is_a_data_error(data: bytes, message: str) -> None:
 
 def test_committed_sample_is_real_fashion_mnist_in_the_original_format(sample_dir: Path) -> None:
     names = sorted(p.name for p in sample_dir.iterdir())
-    assert names == ["t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz",
-                     "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"]
+    assert names == [
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+    ]
     data = read_fashion_mnist_dir(sample_dir)
     assert data.x_train.shape == (2000, 28, 28, 1) and data.x_train.dtype == np.uint8
     assert data.x_test.shape == (500, 28, 28, 1)
@@ -101,8 +105,11 @@ def _save(path: Path, image: Image.Image, **kwargs) -> None:
 def test_folder_loader_decodes_any_mode_and_splits_by_class(tmp_path: Path) -> None:
     for i in range(5):
         _save(tmp_path / "cats" / f"c{i}.png", Image.new("RGBA", (40, 30), (200, 10, 10, 255)))
-        _save(tmp_path / "dogs" / f"d{i}.JPG", Image.new("CMYK", (20, 20), (0, 255, 0, 0)),
-              format="JPEG")
+        _save(
+            tmp_path / "dogs" / f"d{i}.JPG",
+            Image.new("CMYK", (20, 20), (0, 255, 0, 0)),
+            format="JPEG",
+        )
     _save(tmp_path / "dogs" / "deep" / "d9.tiff", Image.new("I;16", (8, 8), 40000))
     (tmp_path / "dogs" / "notes.txt").write_text("not an image")
     data = load_image_folder(tmp_path, image_size=16, channels=3, test_split=0.2, seed=1)

@@ -21,8 +21,13 @@ def test_seed_network_is_exactly_the_seed() -> None:
     model = models.build_seed((28, 28, 1), 10)
     assert model.count_params() == 4320
     per_layer = {layer.name: layer.count_params() for layer in model.layers if layer.weights}
-    assert per_layer == {"conv1": 40, "conv2": 520, "conv3": 3216, "bottleneck": 514,
-                         "probabilities": 30}
+    assert per_layer == {
+        "conv1": 40,
+        "conv2": 520,
+        "conv3": 3216,
+        "bottleneck": 514,
+        "probabilities": 30,
+    }
     assert model.get_layer("flatten").output.shape[-1] == 256  # 28 -> 14 -> 7 -> 4, x16
 
 

@@ -24,8 +24,12 @@ def test_a_run_directory_holds_everything(seed_run: Path) -> None:
     for name in ("model.keras", "config.json", "metrics.json", "history.csv", "samples.npz"):
         assert (seed_run / name).is_file(), name
     figures = sorted(p.name for p in (seed_run / "figures").iterdir())
-    assert figures == ["bottleneck.png", "confusion_matrix.png", "filters.png",
-                       "learning_curves.png"]
+    assert figures == [
+        "bottleneck.png",
+        "confusion_matrix.png",
+        "filters.png",
+        "learning_curves.png",
+    ]
     for figure in figures:
         assert (seed_run / "figures" / figure).read_bytes()[:8] == PNG
 
@@ -36,8 +40,9 @@ def test_a_run_directory_holds_everything(seed_run: Path) -> None:
     matrix = np.array(metrics["test"]["confusion_matrix"])
     assert matrix.shape == (10, 10) and matrix.sum() == 500
     assert metrics["test_accuracy"] == pytest.approx(np.trace(matrix) / 500)
-    assert set(metrics["test"]["per_class_accuracy"]) == set(_read(seed_run, "config.json")
-                                                             ["dataset"]["labels"])
+    assert set(metrics["test"]["per_class_accuracy"]) == set(
+        _read(seed_run, "config.json")["dataset"]["labels"]
+    )
     with (seed_run / "history.csv").open() as handle:
         assert [int(r["epoch"]) for r in csv.DictReader(handle)] == [1]
 
@@ -91,8 +96,10 @@ def test_vgg16_second_run_reads_the_cache(vgg16_run: Path, tmp_path: Path, caplo
     caplog.set_level("INFO")
     run(train_config(tmp_path / "again", "vgg16", cache_dir=str(vgg16_run.parent / "cache")))
     assert any("cache hit" in record.getMessage() for record in caplog.records)
-    assert _read(tmp_path / "again", "metrics.json")["test"] == \
-        _read(vgg16_run, "metrics.json")["test"]
+    assert (
+        _read(tmp_path / "again", "metrics.json")["test"]
+        == _read(vgg16_run, "metrics.json")["test"]
+    )
 
 
 def test_run_refuses_to_overwrite(seed_run: Path, tmp_path: Path) -> None:
