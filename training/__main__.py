@@ -66,6 +66,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     data = parser.add_argument_group("data")
     data.add_argument(
         "--data-dir",
+        metavar="DIR",
         type=Path,
         default=_env("data_dir"),
         help="folder with the four Fashion-MNIST IDX files (gzipped or not); "
@@ -74,6 +75,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     )
     data.add_argument(
         "--image-dir",
+        metavar="DIR",
         type=Path,
         default=_env("image_dir"),
         help="train on labelled image folders instead (one sub-folder per class, "
@@ -81,6 +83,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     )
     data.add_argument(
         "--image-size",
+        metavar="PIXELS",
         type=_positive_int,
         default=_env("image_size"),
         help="with --image-dir: the side in pixels images are resized to (required); "
@@ -95,6 +98,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     )
     data.add_argument(
         "--test-split",
+        metavar="FRACTION",
         type=_fraction,
         default=float(_env("test_split", 0.2)),
         help="with --image-dir: share of each class held out as the test set, "
@@ -102,6 +106,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     )
     data.add_argument(
         "--val-split",
+        metavar="FRACTION",
         type=_fraction,
         default=float(_env("val_split", 0.1)),
         help="share of the training set held out for validation curves; 0: none "
@@ -110,18 +115,21 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     fit = parser.add_argument_group("fitting")
     fit.add_argument(
         "--epochs",
+        metavar="N",
         type=_positive_int,
         default=_env("epochs"),
         help=f"passes over the training set ({DEFAULTS_NOTE})",
     )
     fit.add_argument(
         "--batch-size",
+        metavar="N",
         type=_positive_int,
         default=_env("batch_size"),
         help=f"images per step ({DEFAULTS_NOTE})",
     )
     fit.add_argument(
         "--learning-rate",
+        metavar="RATE",
         type=float,
         default=_env("learning_rate"),
         help=f"Adam's (initial) learning rate ({DEFAULTS_NOTE})",
@@ -140,6 +148,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     )
     fit.add_argument(
         "--seed",
+        metavar="N",
         type=int,
         default=int(_env("seed", 0)),
         help="seeds splits, initialisation and shuffling: same seed, same data, same "
@@ -148,6 +157,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
     out = parser.add_argument_group("output")
     out.add_argument(
         "--out",
+        metavar="RUN",
         type=Path,
         default=_env("out", Path("runs") / family),
         help="run directory to write (default: %(default)s)",
@@ -161,11 +171,12 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    epilog = "per-architecture defaults (epochs, batch size, learning rate, schedule, augment):\n"
+    epilog = "defaults per architecture:\n  arch      epochs  batch  rate   schedule  augment\n"
     for arch, values in ARCH_DEFAULTS.items():
         epilog += (
-            f"  {arch:8s} {values['epochs']:3d}  {values['batch_size']:4d}  "
-            f"{values['learning_rate']:.0e}  {values['schedule']:8s}  {values['augment']}\n"
+            f"  {arch:8s}  {values['epochs']:6d}  {values['batch_size']:5d}  "
+            f"{values['learning_rate']:.0e}  {values['schedule']:8s}  "
+            f"{'yes' if values['augment'] else 'no'}\n"
         )
     epilog += "every option is also an environment variable CNN_SERVING_<OPTION>."
     parser = argparse.ArgumentParser(
@@ -201,6 +212,7 @@ def build_parser() -> argparse.ArgumentParser:
         if family == "vgg16":
             p.add_argument(
                 "--base-weights",
+                metavar="imagenet|none|PATH",
                 default=_env("base_weights", "imagenet"),
                 help="imagenet (downloaded by Keras, needs internet), none (random "
                 "and frozen: for offline tests; every report says so) or PATH "
@@ -208,6 +220,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--cache-dir",
+                metavar="DIR",
                 type=Path,
                 default=_env("cache_dir"),
                 help="where VGG16 features are cached, keyed by data + weights + size "
@@ -215,6 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
             )
             p.add_argument(
                 "--head-units",
+                metavar="N",
                 type=_positive_int,
                 default=int(_env("head_units", 256)),
                 help="units of the dense layer before the bottleneck (default: %(default)s)",
@@ -222,12 +236,14 @@ def build_parser() -> argparse.ArgumentParser:
         if family == "transfer":
             p.add_argument(
                 "--pretrain-classes",
+                metavar="CLASSES",
                 type=parse_classes,
                 default=parse_classes(_env("pretrain_classes", "3-9")),
                 help="classes to pretrain on, like 3-9 or 0,2,4 (default: 3-9)",
             )
             p.add_argument(
                 "--pretrain-epochs",
+                metavar="N",
                 type=_positive_int,
                 default=_env("pretrain_epochs"),
                 help="epochs of the pretraining phase (default: --epochs)",

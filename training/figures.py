@@ -12,6 +12,7 @@ matplotlib.use("Agg")  # files only; never a window
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 _DPI = 120
 
@@ -36,6 +37,7 @@ def learning_curves(path: Path, rows: Sequence[dict[str, Any]], title: str) -> P
             ax.axvline(start - 0.5, color="grey", ls="--", lw=1)
             ax.text(start - 0.4, ax.get_ylim()[1], phase, va="top", fontsize=8, color="grey")
         ax.set_xlabel("epoch")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(name)
         ax.grid(alpha=0.3)
         ax.legend()

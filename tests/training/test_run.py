@@ -115,3 +115,38 @@ def test_run_refuses_to_overwrite(seed_run: Path, tmp_path: Path) -> None:
 def test_transfer_rejects_classes_outside_the_dataset(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="must name classes 0-9"):
         run(train_config(tmp_path / "t", "transfer", pretrain_classes=(3, 12)))
+
+
+def _colour_folders(root: Path, per_class: int = 6) -> Path:
+    """Two classes anyone can tell apart: reddish and bluish squares, as PNG and JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for name, colour in (("blue", (20, 40, 220)), ("red", (220, 30, 20))):
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(colour) + rng.integers(-20, 20, (40, 40, 3)), 0, 255)
+            Image.fromarray(pixels.astype(np.uint8)).save(root / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("family", ["scratch", "vgg16"])
+def test_image_folders_train_both_families(family: str, tmp_path: Path) -> None:
+    images = _colour_folders(tmp_path / "images")
+    config = train_config(
+        tmp_path / "run",
+        family,
+        arch="seed" if family == "scratch" else "vgg16",
+        data_dir=None,
+        image_dir=str(images),
+        image_size=32,
+        val_split=0.0,
+        epochs=2,
+        cache_dir=str(tmp_path / "cache"),
+    )
+    run(config)
+    run_config = _read(tmp_path / "run", "config.json")
+    assert run_config["dataset"]["labels"] == ["blue", "red"]
+    assert run_config["dataset"]["image_shape"] == [32, 32, 3]
+    assert run_config["dataset"]["train_size"] + run_config["dataset"]["test_size"] == 12
+    assert len(_read(tmp_path / "run", "metrics.json")["epochs"]) == 2
