@@ -331,6 +331,17 @@ def save_run(
     return draw_figures(run_dir / "figures", config, data, trained, outputs, metrics)
 
 
+def run_title(config: TrainConfig) -> str:
+    """How figures and summaries name a run; a random VGG16 base is always said out loud."""
+    if config.family != "vgg16":
+        return f"{config.family}/{config.arch}"
+    if config.base_weights == "none":
+        return "vgg16 (random frozen base: no pretrained weights)"
+    if config.base_weights == "imagenet":
+        return "vgg16 (ImageNet base)"
+    return f"vgg16 (base weights {Path(config.base_weights).name})"
+
+
 def draw_figures(
     folder: Path,
     config: TrainConfig,
@@ -339,26 +350,24 @@ def draw_figures(
     outputs: dict[str, np.ndarray],
     metrics: dict[str, Any],
 ) -> list[Path]:
-    name = f"{config.family}/{config.arch}" + (
-        f" ({config.base_weights} base weights)" if config.family == "vgg16" else ""
-    )
+    name = f"{run_title(config)} on {data.name}"
     accuracy = f"test accuracy {metrics['test_accuracy']:.4f}"
     paths = [
         figures.learning_curves(
-            folder / "learning_curves.png", trained.rows, f"{name} on {data.name}: learning curves"
+            folder / "learning_curves.png", trained.rows, f"{name}: learning curves"
         ),
         figures.confusion(
             folder / "confusion_matrix.png",
             np.array(metrics["test"]["confusion_matrix"]),
             data.labels,
-            f"{name} on {data.name} test set ({accuracy})",
+            f"{name}\ntest set, {accuracy}",
         ),
         figures.bottleneck(
             folder / "bottleneck.png",
             outputs["bottleneck"],
             data.y_test,
             data.labels,
-            f"{name}: test set in the 2-D bottleneck ({accuracy})",
+            f"{name}\ntest set in the 2-D bottleneck, {accuracy}",
         ),
     ]
     conv = models.conv_layers(trained.model)
