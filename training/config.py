@@ -21,7 +21,7 @@ ARCH_DEFAULTS: dict[str, dict[str, Any]] = {
         "augment": False,
     },
     "default": {
-        "epochs": 15,
+        "epochs": 12,
         "batch_size": 128,
         "learning_rate": 2e-3,
         "schedule": "cosine",
