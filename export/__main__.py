@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+
+from training.logs import setup_cli_logging
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -23,10 +24,15 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export a training run to REPO/NAME/VERSION/{model.onnx, saved_model/, "
         "metadata.json}. Keras, the SavedModel and onnxruntime must agree on the run's real "
         "test images, or nothing is written.",
+        epilog="Every option is also an environment variable CNN_SERVING_<OPTION> "
+        "(CNN_SERVING_REPOSITORY, CNN_SERVING_NAME, ...).",
     )
-    parser.add_argument("run", type=Path, help="the training run directory (python -m training)")
+    parser.add_argument(
+        "run", type=Path, metavar="RUN", help="the training run directory (python -m training)"
+    )
     parser.add_argument(
         "--repository",
+        metavar="REPO",
         type=Path,
         default=env("CNN_SERVING_REPOSITORY"),
         required="CNN_SERVING_REPOSITORY" not in os.environ,
@@ -40,12 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--version",
+        metavar="N",
         type=int,
         default=env("CNN_SERVING_VERSION"),
         help="version number to write; an existing one is an error (default: one past the newest)",
     )
     parser.add_argument(
         "--tolerance",
+        metavar="MAX_ABS",
         type=float,
         default=float(env("CNN_SERVING_TOLERANCE", "1e-4")),
         help="largest absolute difference allowed between Keras, SavedModel and "
@@ -57,14 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("tf2onnx", "tensorflow", "absl"):  # converter and TF chatter at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    setup_cli_logging(args.quiet)
     from export.core import export_run  # noqa: PLC0415 - keeps --help fast
     from export.errors import ExportError  # noqa: PLC0415
 

@@ -21,6 +21,7 @@ from typing import Any
 
 from training.config import ARCH_DEFAULTS, SCHEDULES, TrainConfig
 from training.errors import TrainingError
+from training.logs import setup_cli_logging
 
 log = logging.getLogger("training")
 
@@ -291,14 +292,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING if args.quiet else logging.INFO,
-        format="%(message)s",
-        stream=sys.stderr,
-    )
-    for noisy in ("tf2onnx", "tensorflow", "absl"):  # converter and TF chatter at INFO
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # TensorFlow's C++ start-up chatter
+    setup_cli_logging(args.quiet)
     config = config_from_args(args)
     from training.run import run  # noqa: PLC0415 - keeps --help fast (no TensorFlow import)
 
