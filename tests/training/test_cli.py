@@ -122,3 +122,25 @@ def test_environment_variables_set_options(sample_dir: Path, tmp_path: Path) -> 
 )
 def test_class_lists(text: str, classes: tuple[int, ...]) -> None:
     assert parse_classes(text) == classes
+
+
+def test_summary_prints_the_run_and_a_table_row(seed_run: Path) -> None:
+    metrics = json.loads((seed_run / "metrics.json").read_text())
+    one = subprocess.run(
+        [sys.executable, "-m", "training.summary", str(seed_run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert one.returncode == 0, one.stderr
+    assert f"test accuracy  {metrics['test_accuracy']:.4f}" in one.stdout
+    assert str(seed_run / "figures" / "bottleneck.png") in one.stdout
+    table = subprocess.run(
+        [sys.executable, "-m", "training.summary", "--table", str(seed_run)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    row = table.stdout.splitlines()[-1]
+    assert row.startswith("| scratch --arch seed | 1 |") and "0.8688" in row
+    assert f"{metrics['test_accuracy']:.4f}" in row
