@@ -121,7 +121,8 @@ def filters(path: Path, kernel: np.ndarray, title: str) -> Path:
     _, _, n_in, n_out = kernel.shape
     cols = min(n_out, 8)
     rows = int(np.ceil(n_out / cols)) * n_in
-    fig, axes = plt.subplots(rows, cols, figsize=(1.3 * cols, 1.3 * rows + 0.6), squeeze=False)
+    width = max(1.3 * cols, 6.0)  # room for the title even with four filters
+    fig, axes = plt.subplots(rows, cols, figsize=(width, 1.3 * rows + 0.9), squeeze=False)
     limit = float(np.abs(kernel).max()) or 1.0
     for ax in axes.flat:
         ax.axis("off")
@@ -130,5 +131,5 @@ def filters(path: Path, kernel: np.ndarray, title: str) -> Path:
             ax = axes[(f // cols) * n_in + c, f % cols]
             ax.imshow(kernel[:, :, c, f], cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_title(f"#{f}" + (f" ch{c}" if n_in > 1 else ""), fontsize=7)
-    fig.suptitle(title + "  (red > 0 > blue)")
+    fig.suptitle(f"{title}\nweights: red > 0 > blue")
     return _save(fig, path)
