@@ -145,7 +145,7 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
         "--augment",
         action=argparse.BooleanOptionalAction,
         default=_env("augment"),
-        help=f"random flips and shifts of up to 1/14 of the side ({DEFAULTS_NOTE})",
+        help=f"random left-right mirroring of half the images ({DEFAULTS_NOTE})",
     )
     fit.add_argument(
         "--seed",
