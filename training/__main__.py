@@ -225,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
                 type=Path,
                 default=_env("cache_dir"),
                 help="where VGG16 features are cached, keyed by data + weights + size "
-                "(default: RUN/cache)",
+                "(default: ~/.cache/cnn-serving)",
             )
             p.add_argument(
                 "--head-units",

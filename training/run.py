@@ -28,6 +28,7 @@ from training.fit import fit, seed_everything, split_validation
 log = logging.getLogger(__name__)
 
 SAMPLE_IMAGES = 64  # test images kept beside the model for the export's parity check
+DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cnn-serving"  # VGG16 features, without --cache-dir
 
 
 @dataclass
@@ -42,7 +43,7 @@ class Trained:
 
 def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     """Train, evaluate and report one run; returns the summary that `__main__` prints."""
-    run_dir = prepare_run_dir(config.run_dir, overwrite)
+    check_run_dir(config.run_dir, overwrite)  # fail before any work, touch nothing yet
     seed_everything(config.seed)
     data = load_dataset(config)
     log.info(
@@ -73,6 +74,7 @@ def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         "epochs": trained.rows,
         **trained.extra,
     }
+    run_dir = prepare_run_dir(config.run_dir, overwrite)  # a previous run goes only now
     figure_paths = save_run(run_dir, config, data, trained, outputs, metrics)
     return {
         "run_dir": str(run_dir),
@@ -83,19 +85,30 @@ def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     }
 
 
+def check_run_dir(run_dir: Path, overwrite: bool) -> None:
+    """Refuse an existing run without `overwrite`, and anything that is not a run at all."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir}: exists and is not a directory (--out)")
+    if not any(run_dir.iterdir()):
+        return
+    if not overwrite:
+        raise ConfigError(
+            f"{run_dir}: already holds files; choose another --out or pass --overwrite"
+        )
+    if not (run_dir / "config.json").is_file():
+        raise ConfigError(
+            f"{run_dir}: not a training run (no config.json); refusing to overwrite it"
+        )
+
+
 def prepare_run_dir(run_dir: Path, overwrite: bool) -> Path:
-    """An empty run directory; an existing run is replaced only with `overwrite`."""
-    if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise ConfigError(
-                f"{run_dir}: already holds files; choose another --out or pass --overwrite"
-            )
-        if not (run_dir / "config.json").is_file():
-            raise ConfigError(
-                f"{run_dir}: not a training run (no config.json); refusing to overwrite it"
-            )
+    """An empty run directory with figures/; an existing run is replaced only with `overwrite`."""
+    check_run_dir(run_dir, overwrite)
+    if run_dir.exists():
         shutil.rmtree(run_dir)
-    (run_dir / "figures").mkdir(parents=True, exist_ok=True)
+    (run_dir / "figures").mkdir(parents=True)
     return run_dir
 
 
@@ -250,7 +263,7 @@ def _cached_features(
     """VGG16 bottleneck features of train and test, cached on disk by data + weights + size."""
     facts = f"{data.fingerprint()}|{_weights_id(config)}|{image_size}|keras {keras.__version__}"
     key = hashlib.sha256(facts.encode()).hexdigest()[:24]
-    cache_dir = Path(config.cache_dir) if config.cache_dir else config.run_dir / "cache"
+    cache_dir = Path(config.cache_dir) if config.cache_dir else DEFAULT_CACHE_DIR
     path = cache_dir / f"vgg16-features-{key}.npz"
     if path.is_file():
         with np.load(path) as cached:

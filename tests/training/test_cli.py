@@ -84,7 +84,7 @@ def test_missing_data_dir_is_one_line(tmp_path: Path) -> None:
     )
     assert line == f"error: {tmp_path / 'nowhere'}: no such directory (--data-dir)"
     assert _cli("scratch", "--help").returncode == 0
-    assert not (tmp_path / "run" / "model.keras").exists()
+    assert not (tmp_path / "run").exists()  # nothing is created before the data is read
 
 
 def test_malformed_idx_is_one_line(sample_dir: Path, tmp_path: Path) -> None:
