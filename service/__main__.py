@@ -10,8 +10,11 @@ import sys
 
 
 def main() -> int:
-    print("error: cnn-serving has no serving commands in this version yet; models exported with "
-          "`python -m export` already run on onnxruntime (see README)", file=sys.stderr)
+    print(
+        "error: cnn-serving has no serving commands in this version yet; models exported with "
+        "`python -m export` already run on onnxruntime (see README)",
+        file=sys.stderr,
+    )
     return 2
 
 
