@@ -13,10 +13,9 @@ import tensorflow as tf
 import tf2onnx
 
 from export.errors import ExportError
+from training.models import INPUT_NAME, OUTPUT_NAMES
 
 OPSET = 17  # pinned: onnxruntime >= 1.14 runs it, and parity is measured at this opset
-INPUT_NAME = "images"
-OUTPUT_NAMES = ("probabilities", "bottleneck")
 SERVING_SIGNATURE = "serving_default"
 
 

@@ -11,13 +11,9 @@ import tensorflow as tf
 
 from export.convert import OUTPUT_NAMES, SERVING_SIGNATURE
 from export.errors import ParityError
+from training import models
 
 TOLERANCE = 1e-4  # max absolute difference, any output, any image
-
-
-def keras_outputs(model: Any, images: np.ndarray) -> dict[str, np.ndarray]:
-    outputs = model.predict(images, batch_size=256, verbose=0)
-    return dict(zip(model.output_names, outputs, strict=True))
 
 
 def savedmodel_outputs(path: Path, images: np.ndarray) -> dict[str, np.ndarray]:
@@ -51,7 +47,7 @@ def check(
     tolerance: float = TOLERANCE,
 ) -> dict[str, Any]:
     """Run all three on `images`; raise ParityError naming the gap, else return the report."""
-    reference = keras_outputs(model, images)
+    reference = models.predict(model, images)
     report: dict[str, Any] = {"images": int(len(images)), "tolerance": tolerance}
     for name, outputs in (
         ("savedmodel", savedmodel_outputs(savedmodel, images)),
