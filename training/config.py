@@ -63,6 +63,11 @@ class TrainConfig:
     pretrain_epochs: int | None = None
 
     @property
+    def base_weights_real(self) -> bool:
+        """False only for a VGG16 run on a random base: every report must say so."""
+        return self.family != "vgg16" or self.base_weights != "none"
+
+    @property
     def run_dir(self) -> Path:
         return Path(self.out)
 

@@ -81,7 +81,7 @@ def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         "test_accuracy": test["accuracy"],
         "train_seconds": round(train_seconds, 1),
         "figures": [str(p) for p in figure_paths],
-        **{k: v for k, v in trained.extra.items() if k == "transfer"},
+        **({"transfer": trained.extra["transfer"]} if "transfer" in trained.extra else {}),
     }
 
 
@@ -244,7 +244,7 @@ def _fit_vgg16(config: TrainConfig, data: Dataset) -> Trained:
         rows,
         {
             "feature_seconds": round(feature_seconds, 1),
-            "base_weights_real": config.base_weights != "none",
+            "base_weights_real": config.base_weights_real,
         },
     )
 
@@ -325,7 +325,7 @@ def save_run(
             "model": {
                 "parameters": int(model.count_params()),
                 "outputs": list(model.output_names),
-                "base_weights_real": config.family != "vgg16" or config.base_weights != "none",
+                "base_weights_real": config.base_weights_real,
             },
             "versions": {
                 "keras": keras.__version__,
