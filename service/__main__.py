@@ -1,21 +1,359 @@
-"""`python -m service` / `cnn-serving`: the gRPC service and its clients.
+"""`python -m service` / `cnn-serving`: the gRPC server and its command-line clients.
 
-The serving commands (serve, classify, score) are not part of this version yet; until they are,
-this entry point says so and exits non-zero rather than pretending to run.
+    python -m service serve --repository models
+    python -m service classify --server localhost:8001 --model fashion shoe.png bag.jpg
+    python -m service classify --repository models --model fashion --json shoe.png
+    python -m service health --server localhost:8001
+
+Every option can also be set with an environment variable CNN_SERVING_<OPTION> (for example
+CNN_SERVING_MAX_BATCH_SIZE=32); a command-line option wins over the variable.
 """
 
 from __future__ import annotations
 
+import argparse
+import asyncio
+import json
+import logging
+import os
 import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from service.config import DEVICES, MiB, ServeConfig
+from service.errors import ServingError
+from service.predictions import Prediction
+
+ENV_PREFIX = "CNN_SERVING_"
 
 
-def main() -> int:
-    print(
-        "error: cnn-serving has no serving commands in this version yet; models exported with "
-        "`python -m export` already run on onnxruntime (see README)",
-        file=sys.stderr,
+def _add(parser: argparse._ActionsContainer, flag: str, help: str, **kwargs: Any) -> None:
+    """An option whose default may come from CNN_SERVING_<NAME>; the help says both."""
+    env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
+    if env in os.environ:
+        kwargs["default"] = os.environ[env]  # argparse converts it with `type`
+    shown = " (default: %(default)s)" if kwargs.get("default") is not None else ""
+    parser.add_argument(flag, help=f"{help}{shown} [env {env}]", **kwargs)
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="run the gRPC server",
+        description="Serve every model in a repository over gRPC (the Open "
+        "Inference Protocol and classifier.v1), with /metrics for Prometheus.",
     )
-    return 2
+    _add(
+        p,
+        "--repository",
+        "model repository: REPO/NAME/VERSION/{model.onnx,metadata.json}",
+        type=Path,
+        metavar="DIR",
+        required="CNN_SERVING_REPOSITORY" not in os.environ,
+    )
+    _add(p, "--host", "address to bind both ports on", default="0.0.0.0")
+    _add(p, "--grpc-port", "gRPC port; 0 picks a free one (logged)", type=int, default=8001)
+    _add(
+        p,
+        "--metrics-port",
+        "Prometheus /metrics port; 0 picks a free one, -1 turns it off",
+        type=int,
+        default=8002,
+    )
+    _add(
+        p,
+        "--device",
+        "auto: CUDA when it really loads, else CPU (logged and exported); "
+        "cuda: fail unless CUDA works; cpu",
+        choices=DEVICES,
+        default="auto",
+    )
+    _add(p, "--max-batch-size", "most images merged into one inference", type=int, default=64)
+    _add(
+        p,
+        "--max-queue-delay-ms",
+        "longest wait, in milliseconds, for more requests to join "
+        "a batch; 0: run whatever is queued at once",
+        type=float,
+        default=2.0,
+    )
+    _add(
+        p,
+        "--max-queue-size",
+        "most images waiting per model version; more is refused with RESOURCE_EXHAUSTED",
+        type=int,
+        default=1024,
+    )
+    _add(
+        p,
+        "--intra-op-threads",
+        "onnxruntime threads per inference; 0: one per core",
+        type=int,
+        default=0,
+    )
+    _add(
+        p,
+        "--poll-interval-s",
+        "seconds between repository scans for new or removed versions; 0: scan once at start",
+        type=float,
+        default=5.0,
+    )
+    _add(
+        p,
+        "--max-image-pixels",
+        "largest encoded image, in pixels (width x height), checked "
+        "from the header before decoding",
+        type=int,
+        default=50_000_000,
+    )
+    _add(
+        p,
+        "--max-message-bytes",
+        "largest gRPC message either way, in bytes; larger is RESOURCE_EXHAUSTED",
+        type=int,
+        default=64 * MiB,
+    )
+    _add(
+        p,
+        "--drain-timeout-s",
+        "on SIGTERM/SIGINT, seconds to let in-flight requests finish",
+        type=float,
+        default=30.0,
+    )
+    _add(
+        p,
+        "--tls-cert",
+        "PEM certificate chain: serve TLS (needs --tls-key)",
+        type=Path,
+        metavar="FILE",
+    )
+    _add(p, "--tls-key", "PEM private key for --tls-cert", type=Path, metavar="FILE")
+    _add(
+        p,
+        "--auth-token-file",
+        "require 'authorization: Bearer <token>' on every RPC but "
+        "health; the token is this file's content",
+        type=Path,
+        metavar="FILE",
+    )
+    _add(
+        p,
+        "--log-level",
+        "logging threshold",
+        default="INFO",
+        choices=("DEBUG", "INFO", "WARNING", "ERROR"),
+    )
+
+
+def _connection_options(p: argparse.ArgumentParser) -> None:
+    _add(p, "--tls", "connect with TLS", action="store_true")
+    _add(
+        p,
+        "--tls-ca",
+        "PEM file of the CA to trust with --tls; default: the system's roots",
+        type=Path,
+        metavar="FILE",
+    )
+    _add(
+        p,
+        "--auth-token-file",
+        "send this file's content as the bearer token",
+        type=Path,
+        metavar="FILE",
+    )
+    _add(p, "--timeout-s", "deadline of each call, in seconds", type=float, default=30.0)
+
+
+def _classify_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "classify",
+        help="classify image files",
+        description="Classify image files with a running server (--server) or "
+        "in this process (--repository); prints a table or JSON.",
+    )
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--server", metavar="HOST:PORT", help="a running cnn-serving server")
+    where.add_argument(
+        "--repository",
+        metavar="DIR",
+        type=Path,
+        help="run the model in this process instead (onnxruntime, no server)",
+    )
+    _add(p, "--model", "model name", required=True)
+    _add(p, "--version", "model version; 0: the newest", type=int, default=0)
+    _add(p, "--top-k", "classes listed per image", type=int, default=3)
+    _add(p, "--json", "print JSON (one object per image) instead of a table", action="store_true")
+    _add(p, "--device", "with --repository: as for serve", choices=DEVICES, default="auto")
+    _add(p, "--max-image-pixels", "with --repository: as for serve", type=int, default=50_000_000)
+    _connection_options(p)
+    p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
+
+
+def _health_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "health",
+        help="exit 0 when the server (or a model) is SERVING",
+        description="Ask the gRPC health service; prints the status; exit 0 "
+        "when SERVING, 1 otherwise (for container health checks).",
+    )
+    _add(p, "--server", "HOST:PORT of the server", default="localhost:8001")
+    _add(p, "--model", "a model name instead of the whole server", default="")
+    _connection_options(p)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m service",
+        description="cnn-serving: serve exported image classifiers over gRPC.",
+        epilog="Every option is also an environment variable CNN_SERVING_<OPTION>.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _serve_parser(sub)
+    _classify_parser(sub)
+    _health_parser(sub)
+    return parser
+
+
+def serve_config(args: argparse.Namespace) -> ServeConfig:
+    names = [f for f in ServeConfig.__dataclass_fields__ if hasattr(args, f)]
+    return ServeConfig(**{name: getattr(args, name) for name in names})
+
+
+def _token(args: argparse.Namespace) -> str | None:
+    if args.auth_token_file is None:
+        return None
+    return ServeConfig(Path("."), auth_token_file=args.auth_token_file).auth_token()
+
+
+def _client(args: argparse.Namespace, server: str) -> Any:
+    from service.client import Client  # noqa: PLC0415 - only the client commands need it
+
+    ca = args.tls_ca.read_bytes() if args.tls_ca else None
+    return Client(
+        server,
+        token=_token(args),
+        tls=args.tls or ca is not None,
+        root_certificates=ca,
+        timeout_s=args.timeout_s,
+    )
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    from service.server import serve  # noqa: PLC0415 - keeps `--help` fast
+
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    asyncio.run(serve(serve_config(args)))
+    return 0
+
+
+def run_classify(args: argparse.Namespace) -> int:
+    images = []
+    for path in args.images:
+        try:
+            images.append(path.read_bytes())
+        except OSError as exc:
+            raise ServingError(f"{path}: {exc.strerror}") from exc
+    if args.server:
+        with _client(args, args.server) as client:
+            predictions = client.classify(images, args.model, args.version, args.top_k)
+    else:
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
+        predictions = asyncio.run(_classify_locally(args, images))
+    predictions = [_with_id(p, str(path)) for p, path in zip(predictions, args.images, strict=True)]
+    print(_as_json(predictions) if args.json else _as_table(predictions))
+    return 0 if all(p.ok for p in predictions) else 1
+
+
+async def _classify_locally(args: argparse.Namespace, images: list[bytes]) -> list[Prediction]:
+    from service.engine import Engine  # noqa: PLC0415
+
+    config = ServeConfig(
+        args.repository,
+        device=args.device,
+        poll_interval_s=0,
+        max_batch_size=max(1, min(len(images), 64)),
+        max_image_pixels=args.max_image_pixels,
+    )
+    engine = Engine(config)
+    try:
+        await engine.start()
+        model = engine.model(args.model, args.version or None)
+        return await engine.classify(model, images, top_k=args.top_k)
+    finally:
+        await engine.stop()
+
+
+def _with_id(prediction: Prediction, path: str) -> Prediction:
+    from dataclasses import replace  # noqa: PLC0415
+
+    return replace(prediction, id=path)
+
+
+def _as_json(predictions: list[Prediction]) -> str:
+    rows = []
+    for p in predictions:
+        row: dict[str, Any] = {"image": p.id, "model": p.model, "version": p.version}
+        if p.ok:
+            row |= {
+                "label": p.label,
+                "confidence": p.confidence,
+                "top_k": [{"label": s.label, "score": s.score} for s in p.top_k],
+                "probabilities": list(p.probabilities),
+                "bottleneck": {"x": p.bottleneck_x, "y": p.bottleneck_y},
+            }
+        else:
+            row["error"] = {"code": p.error_code, "message": p.error}
+        rows.append(row)
+    return json.dumps(rows, indent=2)
+
+
+def _as_table(predictions: list[Prediction]) -> str:
+    width = max(len("image"), *(len(p.id) for p in predictions))
+    lines = [
+        f"{'image':<{width}}  {'label':<14} {'conf':>6} {'bottleneck x':>13} "
+        f"{'bottleneck y':>13}  top-k"
+    ]
+    for p in predictions:
+        if not p.ok:
+            lines.append(f"{p.id:<{width}}  error {p.error_code}: {p.error}")
+            continue
+        top = ", ".join(f"{s.label} {s.score:.3f}" for s in p.top_k)
+        lines.append(
+            f"{p.id:<{width}}  {p.label:<14} {p.confidence:>6.3f} "
+            f"{p.bottleneck_x:>13.3f} {p.bottleneck_y:>13.3f}  {top}"
+        )
+    return "\n".join(lines)
+
+
+def run_health(args: argparse.Namespace) -> int:
+    with _client(args, args.server) as client:
+        status = client.health(args.model)
+    print(status)
+    return 0 if status == "SERVING" else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    commands = {"serve": run_serve, "classify": run_classify, "health": run_health}
+    try:
+        return commands[args.command](args)
+    except ServingError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except Exception as exc:  # ClientError and friends: one line, not a traceback
+        from service.client import ClientError  # noqa: PLC0415
+
+        if isinstance(exc, ClientError):
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

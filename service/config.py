@@ -1,0 +1,80 @@
+"""`ServeConfig`: every setting of the server, frozen, built once by `python -m service serve`
+from options and `CNN_SERVING_<NAME>` environment variables. Components receive it in their
+constructor and never read the environment themselves."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from service.errors import ConfigError
+
+DEVICES = ("auto", "cuda", "cpu")
+MiB = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    repository: Path
+    host: str = "0.0.0.0"
+    grpc_port: int = 8001
+    metrics_port: int = 8002  # -1: no metrics endpoint
+    device: str = "auto"
+    max_batch_size: int = 64
+    max_queue_delay_ms: float = 2.0
+    max_queue_size: int = 1024  # images waiting per model version
+    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    poll_interval_s: float = 5.0  # 0: load the repository once, never poll
+    max_image_pixels: int = 50_000_000
+    max_message_bytes: int = 64 * MiB
+    drain_timeout_s: float = 30.0
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    auth_token_file: Path | None = None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (0 <= self.grpc_port <= 65535, "--grpc-port must be 0-65535 (0: pick a free port)"),
+            (-1 <= self.metrics_port <= 65535, "--metrics-port must be -1 (off) or 0-65535"),
+            (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
+            (self.max_queue_delay_ms >= 0, "--max-queue-delay-ms must be >= 0"),
+            (self.max_queue_size >= 1, "--max-queue-size must be at least 1"),
+            (self.intra_op_threads >= 0, "--intra-op-threads must be >= 0"),
+            (self.poll_interval_s >= 0, "--poll-interval-s must be >= 0"),
+            (self.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
+            (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
+            (self.drain_timeout_s >= 0, "--drain-timeout-s must be >= 0"),
+            (
+                (self.tls_cert is None) == (self.tls_key is None),
+                "--tls-cert and --tls-key go together",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    @property
+    def max_queue_delay_s(self) -> float:
+        return self.max_queue_delay_ms / 1000.0
+
+    def auth_token(self) -> str | None:
+        """The bearer token, read from --auth-token-file (surrounding whitespace stripped)."""
+        if self.auth_token_file is None:
+            return None
+        try:
+            token = self.auth_token_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            raise ConfigError(f"--auth-token-file {self.auth_token_file}: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"--auth-token-file {self.auth_token_file} is empty")
+        return token
+
+    def tls_credentials(self) -> tuple[bytes, bytes] | None:
+        """(certificate chain, private key) PEM bytes, or None without TLS."""
+        if self.tls_cert is None or self.tls_key is None:
+            return None
+        try:
+            return self.tls_cert.read_bytes(), self.tls_key.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"TLS: {exc.filename}: {exc.strerror}") from exc

@@ -1,0 +1,114 @@
+"""Image decoding and validation: bytes or raw pixels in, (H, W, C) uint8 at the model's size out.
+
+The policy, applied the same way by the server, the in-process CLI and directory scoring:
+1. Any format Pillow reads (PNG, JPEG, WebP, BMP, TIFF, GIF, ...); of an animation or a
+   multi-page file, the first frame.
+2. The pixel count is checked from the header, before any pixel is decoded: more than
+   `max_pixels` is rejected (a decompression bomb costs nothing).
+3. EXIF orientation is applied (a photo taken sideways is classified upright).
+4. Modes: 16- and 32-bit integer images are scaled to 8 bits by their range (65535 -> 255);
+   float images are taken as 0-1 when their maximum is at most 1, else as 0-255; an alpha
+   channel (RGBA, LA, palette transparency) is composited onto black, the background of
+   Fashion-MNIST; CMYK, YCbCr, palette and the rest go through RGB. Then to the model's channels:
+   gray by ITU-R 601-2 luma, or gray repeated to RGB.
+5. Resized to the model's height and width with bilinear filtering (Pillow's, antialiased when
+   shrinking), stretching rather than cropping, so the whole picture is seen.
+
+Raw tensors must already be uint8 at the model's (H, W, C); they are checked, not resized.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from service.errors import InvalidInput
+
+_WIDE_INT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+
+
+def decode(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
+    """Decode one encoded image to `shape` = (H, W, C) uint8; raises InvalidInput."""
+    if not data:
+        raise InvalidInput("empty image (0 bytes)")
+    # Our own limit, checked from the header below, replaces Pillow's global one.
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            width, height = opened.size
+            if width * height > max_pixels:
+                raise InvalidInput(
+                    f"image of {width}x{height} = {width * height:,} pixels exceeds "
+                    f"--max-image-pixels {max_pixels:,}"
+                )
+            opened.seek(0)  # first frame of animations and multi-page files
+            image = ImageOps.exif_transpose(opened)
+            image = _to_channels(image, shape[2])
+            if image.size != (shape[1], shape[0]):
+                image = image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
+            array = np.asarray(image, dtype=np.uint8)
+    except UnidentifiedImageError as exc:
+        raise InvalidInput(f"not a readable image ({len(data):,} bytes)") from exc
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise InvalidInput(f"corrupt or truncated image: {exc}") from exc
+    return array.reshape(shape)
+
+
+def _to_channels(image: Image.Image, channels: int) -> Image.Image:
+    """Any Pillow mode -> "L" (channels 1) or "RGB" (channels 3), by the policy above."""
+    image = _to_8bit(image)
+    if image.mode == "P":
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
+    if image.mode in ("RGBA", "LA", "RGBa", "La", "PA"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
+        image = Image.alpha_composite(background, rgba)
+    target = "L" if channels == 1 else "RGB"
+    if image.mode == target:
+        return image
+    if image.mode not in ("L", "RGB"):
+        image = image.convert("RGB")
+    return image.convert(target)
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    if image.mode in _WIDE_INT_MODES:
+        pixels = np.asarray(image, dtype=np.float64)
+        scaled = pixels * (255.0 / _WIDE_INT_MODES[image.mode])
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "F":
+        pixels = np.asarray(image, dtype=np.float64)
+        scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
+        scaled = np.nan_to_num(pixels * scale)
+        return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
+    if image.mode == "1":
+        return image.convert("L")
+    return image
+
+
+def check_tensor(array: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
+    """A raw (H, W, C) or (N, H, W, C) uint8 tensor of the model's shape, else InvalidInput."""
+    if array.dtype != np.uint8:
+        raise InvalidInput(f"raw pixels must be uint8, got {array.dtype}")
+    if array.shape[-3:] != shape or array.ndim not in (3, 4):
+        raise InvalidInput(
+            f"raw pixels must have shape (H, W, C) = {shape}, got {tuple(array.shape)}"
+        )
+    return array
+
+
+def tensor_from_bytes(
+    data: bytes, shape: tuple[int, int, int], expected: tuple[int, int, int]
+) -> np.ndarray:
+    """Raw uint8 pixel bytes said to be of `shape` -> (H, W, C) array; raises InvalidInput
+    unless `shape` is the model's `expected` shape and the byte count matches."""
+    if shape != expected:
+        raise InvalidInput(f"raw pixels must have shape (H, W, C) = {expected}, got {shape}")
+    size = shape[0] * shape[1] * shape[2]
+    if len(data) != size:
+        raise InvalidInput(
+            f"raw pixels: expected {size:,} bytes for (H, W, C) = {shape}, got {len(data):,}"
+        )
+    return np.frombuffer(data, dtype=np.uint8).reshape(shape)

@@ -1,0 +1,104 @@
+"""Prometheus metrics: one registry per server (no global state), served on --metrics-port.
+
+Every series carries `model` and `version`; request counters add `api` (classifier.v1 or
+inference.v2) and `code` (the gRPC status name). Durations are histograms, so any quantile can be
+computed across replicas.
+"""
+
+from __future__ import annotations
+
+import logging
+from wsgiref.simple_server import WSGIServer
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+log = logging.getLogger(__name__)
+
+# Seconds: sub-millisecond queueing up to multi-second CPU batches of large models.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.002, 0.004, 0.006, 0.01, 0.015, 0.025, 0.04, 0.06, 0.1, 0.15, 0.25, 0.4,
+    0.6, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        mv = ["model", "version"]
+        self.requests = Counter(
+            "cnn_serving_requests",
+            "RPCs answered, by API and gRPC status code.",
+            [*mv, "api", "code"],
+            registry=reg,
+        )
+        self.images = Counter(
+            "cnn_serving_images",
+            "Images received in requests, by API and status code.",
+            [*mv, "api", "code"],
+            registry=reg,
+        )
+        self.request_duration = Histogram(
+            "cnn_serving_request_duration_seconds",
+            "Time from receiving an RPC to answering it.",
+            [*mv, "api"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.queue_duration = Histogram(
+            "cnn_serving_queue_duration_seconds",
+            "Time a request waited in the batch queue before its batch started.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.decode_duration = Histogram(
+            "cnn_serving_decode_duration_seconds",
+            "Time to decode, convert and resize one encoded image.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.inference_duration = Histogram(
+            "cnn_serving_inference_duration_seconds",
+            "Time of one onnxruntime run of a whole batch.",
+            mv,
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            "cnn_serving_batch_size",
+            "Images per executed batch.",
+            mv,
+            buckets=BATCH_BUCKETS,
+            registry=reg,
+        )
+        self.queue_depth = Gauge(
+            "cnn_serving_queue_depth", "Images waiting in the batch queue.", mv, registry=reg
+        )
+        self.model_ready = Gauge(
+            "cnn_serving_model_ready",
+            "1 when the version is loaded and takes traffic.",
+            mv,
+            registry=reg,
+        )
+        self.provider = Gauge(
+            "cnn_serving_execution_provider_info",
+            "1 for the onnxruntime execution provider each loaded version really runs on.",
+            [*mv, "provider", "device"],
+            registry=reg,
+        )
+        self._server: WSGIServer | None = None
+
+    def serve(self, host: str, port: int) -> int:
+        """Start /metrics on host:port (0: a free port); returns the real port."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        return int(server.server_port)
+
+    def close(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

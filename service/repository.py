@@ -1,0 +1,101 @@
+"""The model repository on disk: REPO/NAME/VERSION/{model.onnx, metadata.json}.
+
+`scan` lists what is there; `read_spec` reads one version's metadata.json (written by
+`python -m export`) into a `ModelSpec`. Hidden entries (the exporter's `.V.partial-PID` staging
+folders) and non-numeric folders are ignored, so a half-written version is never seen.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from service.errors import ConfigError, ModelLoadError
+
+OUTPUT_NAMES = ("probabilities", "bottleneck")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the service needs to know about one model version."""
+
+    name: str
+    version: int
+    path: Path  # the version folder
+    labels: tuple[str, ...]
+    input_name: str
+    height: int
+    width: int
+    channels: int
+    metadata: dict[str, Any]
+
+    @property
+    def onnx_path(self) -> Path:
+        return self.path / "model.onnx"
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.height, self.width, self.channels)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.name, self.version)
+
+
+def scan(repository: Path) -> dict[str, list[int]]:
+    """{model name: ascending versions} for every REPO/NAME/VERSION folder present."""
+    if not repository.is_dir():
+        raise ConfigError(f"--repository {repository} is not a directory")
+    found: dict[str, list[int]] = {}
+    for model_dir in sorted(repository.iterdir()):
+        if model_dir.name.startswith(".") or not model_dir.is_dir():
+            continue
+        versions = sorted(
+            int(entry.name)
+            for entry in os.scandir(model_dir)
+            if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0
+        )
+        if versions:
+            found[model_dir.name] = versions
+    return found
+
+
+def read_spec(repository: Path, name: str, version: int) -> ModelSpec:
+    """Parse REPO/NAME/VERSION/metadata.json; raises ModelLoadError saying what is wrong."""
+    folder = repository / name / str(version)
+    where = f"model {name!r} version {version} ({folder})"
+    try:
+        metadata = json.loads((folder / "metadata.json").read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ModelLoadError(f"{where}: no metadata.json") from exc
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelLoadError(f"{where}: unreadable metadata.json: {exc}") from exc
+    if not (folder / "model.onnx").is_file():
+        raise ModelLoadError(f"{where}: no model.onnx")
+    try:
+        spec_in = metadata["input"]
+        labels = tuple(str(label) for label in metadata["labels"])
+        spec = ModelSpec(
+            name=name,
+            version=version,
+            path=folder,
+            labels=labels,
+            input_name=str(spec_in["name"]),
+            height=int(spec_in["height"]),
+            width=int(spec_in["width"]),
+            channels=int(spec_in["channels"]),
+            metadata=metadata,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ModelLoadError(f"{where}: metadata.json lacks a valid {exc}") from exc
+    if spec.channels not in (1, 3) or spec.height < 1 or spec.width < 1 or len(labels) < 2:
+        raise ModelLoadError(
+            f"{where}: metadata.json describes an unsupported model "
+            f"(input {spec.image_shape}, {len(labels)} labels)"
+        )
+    if spec_in.get("dtype", "uint8") != "uint8" or spec_in.get("layout", "NHWC") != "NHWC":
+        raise ModelLoadError(f"{where}: input must be uint8 NHWC, metadata says {spec_in}")
+    return spec

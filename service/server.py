@@ -1,0 +1,206 @@
+"""The gRPC server: both APIs, health, reflection, metrics, auth, TLS and a clean drain.
+
+    python -m service serve --repository models        (see `python -m service serve --help`)
+
+On SIGTERM or SIGINT: health turns NOT_SERVING, new RPCs get UNAVAILABLE, RPCs in flight finish
+(up to --drain-timeout-s), then the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
+from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
+from service.config import ServeConfig
+from service.engine import Engine
+from service.metrics import Metrics
+from service.servicers.calls import Calls
+from service.servicers.classifier import ClassifierServicer
+from service.servicers.inference import InferenceServicer
+
+log = logging.getLogger(__name__)
+
+HEALTH_PREFIX = "/grpc.health.v1.Health/"
+SERVING = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+class TokenAuth(grpc.aio.ServerInterceptor):
+    """Every RPC but health needs `authorization: Bearer <token>` (compared in constant time)."""
+
+    def __init__(self, token: str) -> None:
+        self._expected = f"Bearer {token}".encode()
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        if details.method.startswith(HEALTH_PREFIX):
+            return await continuation(details)
+        given = dict(details.invocation_metadata or ()).get("authorization", "")
+        given_bytes = given.encode() if isinstance(given, str) else bytes(given)
+        if hmac.compare_digest(given_bytes, self._expected):
+            return await continuation(details)
+        handler = await continuation(details)
+        return _refuse(handler)
+
+
+def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    message = "missing or wrong bearer token (send metadata 'authorization: Bearer <token>')"
+
+    async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+    async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        yield  # pragma: no cover - makes this an async generator
+
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(deny)
+    kwargs = {
+        "request_deserializer": handler.request_deserializer,
+        "response_serializer": handler.response_serializer,
+    }
+    if handler.request_streaming and handler.response_streaming:
+        return grpc.stream_stream_rpc_method_handler(deny_stream, **kwargs)
+    if handler.request_streaming:
+        return grpc.stream_unary_rpc_method_handler(deny, **kwargs)
+    if handler.response_streaming:
+        return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
+    return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """Message limits, the same on both ends."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ]
+
+
+class Server:
+    def __init__(self, config: ServeConfig) -> None:
+        self.config = config
+        self.metrics = Metrics()
+        self.engine = Engine(config, self.metrics)
+        self.calls = Calls(self.engine)
+        self.health = health.aio.HealthServicer()
+        self.grpc_port = 0
+        self.metrics_port = -1
+        self._server: grpc.aio.Server | None = None
+        self._stopped = asyncio.Event()
+
+    async def start(self) -> None:
+        """Bind, load the repository (health NOT_SERVING until done), then report ready."""
+        config = self.config
+        token = config.auth_token()
+        interceptors = [TokenAuth(token)] if token else []
+        server = grpc.aio.server(
+            interceptors=interceptors, options=channel_options(config.max_message_bytes)
+        )
+        self._server = server
+        grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.calls), server
+        )
+        classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.calls), server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+        services = (
+            classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+            grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        )
+        reflection.enable_server_reflection(services, server)
+        address = f"{config.host}:{config.grpc_port}"
+        tls = config.tls_credentials()
+        if tls:
+            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+            self.grpc_port = server.add_secure_port(address, credentials)
+        else:
+            self.grpc_port = server.add_insecure_port(address)
+        await self.health.set("", NOT_SERVING)
+        self.engine.on_model_change(self._model_health)
+        if config.metrics_port >= 0:
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        await server.start()
+        log.info(
+            "gRPC listening on %s:%d%s; metrics on :%d/metrics",
+            config.host,
+            self.grpc_port,
+            " (TLS)" if tls else "",
+            self.metrics_port,
+        )
+        await self.engine.start()
+        await self.health.set("", SERVING)
+        self._log_ready()
+
+    def _model_health(self, name: str, serving: bool) -> None:
+        status = SERVING if serving and not self.engine.draining else NOT_SERVING
+        asyncio.get_running_loop().create_task(self.health.set(name, status))
+
+    def _log_ready(self) -> None:
+        served = []
+        for name in self.engine.names():
+            for version in self.engine.versions(name):
+                providers = self.engine.model(name, version).session.providers
+                served.append(f"{name} v{version} on {providers[0]}")
+        if not served:
+            log.warning(
+                "ready, but %s holds no loadable model yet; polling every %ss",
+                self.config.repository,
+                self.config.poll_interval_s,
+            )
+        log.info("ready: serving %s on port %d", "; ".join(served) or "nothing", self.grpc_port)
+
+    async def drain(self) -> None:
+        """Health NOT_SERVING, refuse new RPCs, let in-flight ones finish, stop."""
+        if self.engine.draining:
+            return
+        self.engine.draining = True
+        await self.health.enter_graceful_shutdown()
+        log.info(
+            "draining: %d RPCs in flight (up to %ss)",
+            self.calls.in_flight,
+            self.config.drain_timeout_s,
+        )
+        if not await self.calls.wait_idle(self.config.drain_timeout_s):
+            log.warning(
+                "drain timeout: %d RPCs still in flight are cancelled", self.calls.in_flight
+            )
+        if self._server is not None:
+            await self._server.stop(grace=1.0)
+        await self.engine.stop()
+        self.metrics.close()
+        self._stopped.set()
+        log.info("stopped")
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+
+async def serve(config: ServeConfig) -> None:
+    """Run until SIGTERM/SIGINT, then drain; raises ServingError for a startup failure."""
+    server = Server(config)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await server.start()
+    except BaseException:
+        await server.drain()
+        raise
+    await stop.wait()
+    log.info("signal received")
+    await server.drain()

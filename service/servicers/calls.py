@@ -1,0 +1,167 @@
+"""What every RPC of both APIs goes through: refusal while draining, the error taxonomy turned
+into gRPC status codes, in-flight counting for a clean drain, and the request metrics.
+
+A handler is `async def handler(self, request, context, call)`; it fills `call` (model, version,
+images) as it learns them, so metrics carry the resolved version even on errors.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from service.engine import Engine
+from service.errors import ServingError, Unavailable
+
+log = logging.getLogger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+
+
+@dataclass
+class Call:
+    api: str
+    method: str
+    model: str = ""
+    version: str = ""
+    images: int = 0
+    started: float = 0.0
+
+    def set_model(self, name: str, version: int | str) -> None:
+        self.model, self.version = name, str(version)
+
+
+class Calls:
+    """Shared state of the servicers: the engine and the RPCs in flight."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no RPC is in flight; False when `timeout_s` passed first."""
+        try:
+            await asyncio.wait_for(self._idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def enter(self) -> None:
+        if self.engine.draining:
+            raise Unavailable("server is shutting down (draining); retry on another replica")
+        self.in_flight += 1
+        self._idle.clear()
+
+    def leave(self) -> None:
+        self.in_flight -= 1
+        if self.in_flight == 0:
+            self._idle.set()
+
+    def record(self, call: Call, code: grpc.StatusCode) -> None:
+        metrics = self.engine.metrics
+        labels = (call.model, call.version, call.api)
+        metrics.requests.labels(*labels, code.name).inc()
+        if call.images:
+            metrics.images.labels(*labels, code.name).inc(call.images)
+        metrics.request_duration.labels(*labels).observe(time.monotonic() - call.started)
+        if call.images and call.model and call.version.isdigit():
+            try:
+                model = self.engine.model(call.model, int(call.version))
+            except ServingError:
+                return
+            model.stats.record_request(code == grpc.StatusCode.OK, time.monotonic() - call.started)
+
+
+async def abort(context: grpc.aio.ServicerContext, exc: BaseException, call: Call) -> None:
+    """Answer an exception with its status code; never leak an internal error's text."""
+    if isinstance(exc, ServingError):
+        await context.abort(exc.code, str(exc))
+    log.error("%s failed", call.method, exc_info=exc)
+    await context.abort(grpc.StatusCode.INTERNAL, f"{call.method}: internal error (see server log)")
+
+
+def _status(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    if isinstance(exc, ServingError):
+        return exc.code
+    if isinstance(exc, asyncio.CancelledError):
+        remaining = context.time_remaining()
+        expired = remaining is not None and remaining <= 0
+        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
+    return grpc.StatusCode.INTERNAL
+
+
+def unary(api: str) -> Callable[..., Any]:
+    """Decorate a unary handler `(self, request, context, call)` with the shared behaviour."""
+
+    def wrap(handler: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
+        @functools.wraps(handler)
+        async def method(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+            calls: Calls = self.calls
+            call = Call(api, handler.__name__, started=time.monotonic())
+            code = grpc.StatusCode.OK
+            try:
+                calls.enter()
+            except ServingError as exc:
+                code = exc.code
+                calls.record(call, code)
+                await context.abort(exc.code, str(exc))
+            try:
+                return await handler(self, request, context, call)
+            except BaseException as exc:
+                code = _status(exc, context)
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                await abort(context, exc, call)
+                raise  # unreachable: abort raises
+            finally:
+                calls.leave()
+                calls.record(call, code)
+
+        return method
+
+    return wrap
+
+
+def stream(api: str) -> Callable[..., Any]:
+    """Decorate a streaming handler (an async generator over `(self, requests, context)`)."""
+
+    def wrap(handler: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
+        @functools.wraps(handler)
+        async def method(
+            self: Any, requests: AsyncIterator[Req], context: grpc.aio.ServicerContext
+        ) -> AsyncIterator[Resp]:
+            calls: Calls = self.calls
+            call = Call(api, handler.__name__, started=time.monotonic())
+            try:
+                calls.enter()
+            except ServingError as exc:
+                await context.abort(exc.code, str(exc))
+            try:
+                async for response in handler(self, requests, context):
+                    yield response
+            except BaseException as exc:
+                if isinstance(exc, asyncio.CancelledError | GeneratorExit):
+                    raise
+                await abort(context, exc, call)
+            finally:
+                calls.leave()
+
+        return method
+
+    return wrap
+
+
+def deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The RPC's deadline on the time.monotonic() clock, or None without one."""
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining

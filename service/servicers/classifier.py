@@ -1,0 +1,162 @@
+"""`classifier.v1.Classifier`: our own API. Each image gets its label, top-k, probabilities and
+bottleneck, or its own error; protobuf <-> engine types are converted here and nowhere else."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+
+import grpc
+
+from service._proto.classifier.v1 import classifier_pb2 as pb
+from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from service.engine import ImageInput, LoadedModel
+from service.errors import InvalidInput
+from service.images import tensor_from_bytes
+from service.predictions import Prediction
+from service.servicers.calls import Call, Calls, deadline, stream, unary
+
+API = "classifier.v1"
+STREAM_WINDOW = 16  # requests of one stream computed concurrently; answers stay in order
+
+
+def decode_images(
+    request: pb.ClassifyRequest, model: LoadedModel
+) -> list[ImageInput | InvalidInput]:
+    """Encoded files stay bytes (the engine decodes them); a raw tensor becomes (H, W, C) uint8,
+    or the InvalidInput that fails only its own image."""
+    inputs: list[ImageInput | InvalidInput] = []
+    for image in request.images:
+        if image.WhichOneof("source") != "tensor":
+            inputs.append(image.encoded)
+            continue
+        t = image.tensor
+        try:
+            shape = (t.height, t.width, t.channels)
+            inputs.append(tensor_from_bytes(t.data, shape, model.spec.image_shape))
+        except InvalidInput as exc:
+            inputs.append(exc)
+    return inputs
+
+
+def encode_result(prediction: Prediction) -> pb.Result:
+    result = pb.Result(index=prediction.index, id=prediction.id)
+    if not prediction.ok:
+        result.error.code = prediction.error_code
+        result.error.message = prediction.error
+        return result
+    result.label = prediction.label
+    result.label_index = prediction.label_index
+    result.confidence = prediction.confidence
+    result.top_k.extend(
+        pb.ClassScore(label=s.label, index=s.index, score=s.score) for s in prediction.top_k
+    )
+    result.probabilities.extend(prediction.probabilities)
+    result.bottleneck_x = prediction.bottleneck_x
+    result.bottleneck_y = prediction.bottleneck_y
+    return result
+
+
+class ClassifierServicer(pb_grpc.ClassifierServicer):
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
+        self.engine = calls.engine
+
+    async def _classify(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> pb.ClassifyResponse:
+        call.set_model(request.model, request.version or "")
+        model = self.engine.model(request.model, request.version or None)
+        call.set_model(request.model, model.spec.version)
+        call.images = len(request.images)
+        predictions = await self.engine.classify(
+            model,
+            decode_images(request, model),
+            top_k=request.top_k,
+            deadline=deadline(context),
+            ids=[image.id for image in request.images],
+        )
+        return pb.ClassifyResponse(
+            model=model.spec.name,
+            version=model.spec.version,
+            results=[encode_result(p) for p in predictions],
+        )
+
+    @unary(API)
+    async def Classify(self, request, context, call):  # type: ignore[no-untyped-def]
+        return await self._classify(request, context, call)
+
+    @stream(API)
+    async def ClassifyStream(  # type: ignore[no-untyped-def]
+        self, requests: AsyncIterator[pb.ClassifyRequest], context
+    ):
+        pending: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | None] = asyncio.Queue(
+            STREAM_WINDOW
+        )
+
+        async def read() -> None:
+            try:
+                async for request in requests:
+                    await pending.put(asyncio.create_task(self._one(request, context)))
+            finally:
+                await pending.put(None)
+
+        reader = asyncio.create_task(read())
+        try:
+            while (task := await pending.get()) is not None:
+                yield await task
+            await reader
+        finally:
+            reader.cancel()
+            while not pending.empty():
+                leftover = pending.get_nowait()
+                if leftover is not None:
+                    leftover.cancel()
+
+    async def _one(
+        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ClassifyResponse:
+        call = Call(API, "ClassifyStream", started=time.monotonic())
+        code = grpc.StatusCode.OK
+        try:
+            return await self._classify(request, context, call)
+        except BaseException as exc:
+            code = getattr(exc, "code", grpc.StatusCode.INTERNAL)
+            raise
+        finally:
+            self.calls.record(call, code)
+
+    @unary(API)
+    async def ListModels(self, request, context, call):  # type: ignore[no-untyped-def]
+        models = []
+        for name in self.engine.names():
+            versions = self.engine.versions(name)
+            models.append(
+                pb.ModelSummary(name=name, versions=versions, default_version=max(versions))
+            )
+        return pb.ListModelsResponse(models=models)
+
+    @unary(API)
+    async def GetModel(self, request, context, call):  # type: ignore[no-untyped-def]
+        call.set_model(request.name, request.version or "")
+        model = self.engine.model(request.name, request.version or None)
+        spec = model.spec
+        call.set_model(spec.name, spec.version)
+        return pb.GetModelResponse(
+            name=spec.name,
+            version=spec.version,
+            versions=self.engine.versions(spec.name),
+            labels=list(spec.labels),
+            input=pb.InputSpec(
+                name=spec.input_name,
+                dtype="uint8",
+                layout="NHWC",
+                height=spec.height,
+                width=spec.width,
+                channels=spec.channels,
+            ),
+            execution_providers=list(model.session.providers),
+            metadata_json=json.dumps(spec.metadata, sort_keys=True),
+        )

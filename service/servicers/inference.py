@@ -1,0 +1,120 @@
+"""`inference.GRPCInferenceService`: the Open Inference Protocol (KServe V2) plus Triton's
+ModelConfig and ModelStatistics, so tritonclient, perf_analyzer and KServe clients work as is."""
+
+from __future__ import annotations
+
+from importlib import metadata
+
+import numpy as np
+
+from service._proto.inference import grpc_predict_v2_pb2 as pb
+from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.engine import LoadedModel
+from service.errors import InvalidInput, ServingError
+from service.servicers import v2_codec
+from service.servicers.calls import Call, Calls, deadline, unary
+
+API = "inference.v2"
+EXTENSIONS = ["model_configuration", "statistics"]
+
+
+class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, calls: Calls) -> None:
+        self.calls = calls
+        self.engine = calls.engine
+
+    def _model(self, name: str, version: str, call: Call) -> LoadedModel:
+        call.set_model(name, version)
+        model = self.engine.model(name, v2_codec.parse_version(name, version))
+        call.set_model(name, model.spec.version)
+        return model
+
+    @unary(API)
+    async def ServerLive(self, request, context, call):  # type: ignore[no-untyped-def]
+        return pb.ServerLiveResponse(live=True)
+
+    @unary(API)
+    async def ServerReady(self, request, context, call):  # type: ignore[no-untyped-def]
+        return pb.ServerReadyResponse(ready=self.engine.ready and not self.engine.draining)
+
+    @unary(API)
+    async def ModelReady(self, request, context, call):  # type: ignore[no-untyped-def]
+        try:
+            self._model(request.name, request.version, call)
+        except ServingError:
+            return pb.ModelReadyResponse(ready=False)
+        return pb.ModelReadyResponse(ready=not self.engine.draining)
+
+    @unary(API)
+    async def ServerMetadata(self, request, context, call):  # type: ignore[no-untyped-def]
+        return pb.ServerMetadataResponse(
+            name="cnn-serving", version=metadata.version("cnn-serving"), extensions=EXTENSIONS
+        )
+
+    @unary(API)
+    async def ModelMetadata(self, request, context, call):  # type: ignore[no-untyped-def]
+        model = self._model(request.name, request.version, call)
+        return v2_codec.model_metadata(model.spec, self.engine.versions(request.name))
+
+    @unary(API)
+    async def ModelConfig(self, request, context, call):  # type: ignore[no-untyped-def]
+        model = self._model(request.name, request.version, call)
+        config = self.engine.config
+        return v2_codec.model_config(
+            model.spec, config.max_batch_size, config.max_queue_delay_ms, model.session.on_cuda
+        )
+
+    @unary(API)
+    async def ModelStatistics(self, request, context, call):  # type: ignore[no-untyped-def]
+        if request.name:
+            if request.version:
+                models = [self._model(request.name, request.version, call)]
+            else:
+                self.engine.model(request.name)  # NOT_FOUND for an unknown name
+                models = [
+                    self.engine.model(request.name, v) for v in self.engine.versions(request.name)
+                ]
+        else:
+            models = [
+                self.engine.model(n, v)
+                for n in self.engine.names()
+                for v in self.engine.versions(n)
+            ]
+        return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
+
+    @unary(API)
+    async def ModelInfer(self, request, context, call):  # type: ignore[no-untyped-def]
+        model = self._model(request.model_name, request.model_version, call)
+        names = v2_codec.requested_outputs(request, model.spec)
+        images = v2_codec.decode_input(request, model.spec)
+        call.images = len(images)
+        if isinstance(images, list):  # encoded files: all must decode (V2 has no per-image error)
+            decoded = await self.engine.decode(model, images)
+            for item in decoded:
+                if isinstance(item, InvalidInput):
+                    raise item
+            images = np.stack(decoded)  # type: ignore[arg-type]
+        outputs = await self.engine.infer(model, images, deadline(context))
+        return v2_codec.encode_response(request, model.spec, names, outputs)
+
+
+def _statistics(model: LoadedModel) -> pb.ModelStatistics:
+    stats = model.stats
+    duration = pb.StatisticDuration
+    return pb.ModelStatistics(
+        name=model.spec.name,
+        version=str(model.spec.version),
+        last_inference=stats.last_inference_ms,
+        inference_count=stats.inference_count,
+        execution_count=stats.execution_count,
+        inference_stats=pb.InferStatistics(
+            success=duration(count=stats.success[0], ns=stats.success[1]),
+            fail=duration(count=stats.fail[0], ns=stats.fail[1]),
+            queue=duration(count=stats.queue[0], ns=stats.queue[1]),
+            compute_infer=duration(count=stats.compute[0], ns=stats.compute[1]),
+        ),
+        batch_stats=[
+            pb.InferBatchStatistics(batch_size=size, compute_infer=duration(count=count, ns=ns))
+            for size, (count, ns) in sorted(stats.batches.items())
+        ],
+    )

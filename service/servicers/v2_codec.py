@@ -1,0 +1,193 @@
+"""Open Inference Protocol (V2) messages <-> numpy, for ModelInfer and the model descriptions.
+
+Inputs: one tensor named like the model's input, either `UINT8` [N, H, W, C] raw pixels or
+`BYTES` [N] (or [N, 1]) encoded image files, in `raw_input_contents` or typed `contents`.
+Outputs go in `raw_output_contents` (little-endian FP32), the only form tritonclient reads.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from service._proto.inference import grpc_predict_v2_pb2 as pb
+from service.errors import InvalidInput, ModelNotFound
+from service.repository import OUTPUT_NAMES, ModelSpec
+
+PLATFORM = "onnxruntime_onnx"
+
+
+def parse_version(name: str, text: str) -> int | None:
+    """V2 versions are strings: "" means the newest, otherwise a positive integer."""
+    if not text:
+        return None
+    if not text.isdigit() or int(text) <= 0:
+        raise ModelNotFound(f"model {name!r} has no version {text!r} (versions are integers)")
+    return int(text)
+
+
+def decode_input(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray | list[bytes]:
+    """The request's image tensor: (N, H, W, C) uint8, or N encoded files."""
+    where = f"model {spec.name!r} version {spec.version}"
+    if len(request.inputs) != 1:
+        raise InvalidInput(
+            f"{where}: expected 1 input tensor {spec.input_name!r}, got {len(request.inputs)}"
+        )
+    tensor = request.inputs[0]
+    if tensor.name != spec.input_name:
+        raise InvalidInput(
+            f"{where}: unknown input {tensor.name!r}; the input is {spec.input_name!r}"
+        )
+    raw = None
+    if request.raw_input_contents:
+        if len(request.raw_input_contents) != 1:
+            raise InvalidInput(
+                f"{where}: {len(request.raw_input_contents)} raw_input_contents for 1 input"
+            )
+        raw = request.raw_input_contents[0]
+    shape = tuple(tensor.shape)
+    if tensor.datatype == "UINT8":
+        return _uint8_input(tensor, raw, shape, spec, where)
+    if tensor.datatype == "BYTES":
+        return _bytes_input(tensor, raw, shape, where)
+    h, w, c = spec.image_shape
+    raise InvalidInput(
+        f"{where}: input datatype {tensor.datatype!r} is not supported; send UINT8 "
+        f"[N, {h}, {w}, {c}] pixels or BYTES [N] encoded images"
+    )
+
+
+def _uint8_input(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    shape: tuple[int, ...],
+    spec: ModelSpec,
+    where: str,
+) -> np.ndarray:
+    if len(shape) != 4 or shape[1:] != spec.image_shape or shape[0] < 1:
+        h, w, c = spec.image_shape
+        raise InvalidInput(
+            f"{where}: UINT8 input shape must be [N, {h}, {w}, {c}], got {list(shape)}"
+        )
+    count = int(np.prod(shape))
+    if raw is not None:
+        if len(raw) != count:
+            raise InvalidInput(
+                f"{where}: UINT8 {list(shape)} needs {count:,} bytes, "
+                f"raw_input_contents has {len(raw):,}"
+            )
+        return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
+    values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
+    if values.size != count:
+        raise InvalidInput(
+            f"{where}: UINT8 {list(shape)} needs {count:,} values, contents has {values.size:,}"
+        )
+    if values.size and values.max() > 255:
+        raise InvalidInput(f"{where}: UINT8 contents hold a value above 255")
+    return values.astype(np.uint8).reshape(shape)
+
+
+def _bytes_input(
+    tensor: pb.ModelInferRequest.InferInputTensor,
+    raw: bytes | None,
+    shape: tuple[int, ...],
+    where: str,
+) -> list[bytes]:
+    if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
+        raise InvalidInput(f"{where}: BYTES input shape must be [N] or [N, 1], got {list(shape)}")
+    items = _unpack_bytes(raw, where) if raw is not None else list(tensor.contents.bytes_contents)
+    if len(items) != shape[0]:
+        raise InvalidInput(f"{where}: BYTES shape {list(shape)} but {len(items)} elements sent")
+    return items
+
+
+def _unpack_bytes(raw: bytes, where: str) -> list[bytes]:
+    """V2 raw BYTES: each element is a 4-byte little-endian length, then that many bytes."""
+    items, offset = [], 0
+    while offset < len(raw):
+        if offset + 4 > len(raw):
+            raise InvalidInput(f"{where}: malformed raw BYTES tensor (truncated length prefix)")
+        (size,) = struct.unpack_from("<I", raw, offset)
+        offset += 4
+        if offset + size > len(raw):
+            raise InvalidInput(f"{where}: malformed raw BYTES tensor (element overruns buffer)")
+        items.append(raw[offset : offset + size])
+        offset += size
+    return items
+
+
+def pack_bytes(items: list[bytes]) -> bytes:
+    return b"".join(struct.pack("<I", len(item)) + item for item in items)
+
+
+def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
+    names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
+    unknown = [name for name in names if name not in OUTPUT_NAMES]
+    if unknown:
+        raise InvalidInput(
+            f"model {spec.name!r} version {spec.version}: unknown output "
+            f"{unknown[0]!r}; outputs are {', '.join(OUTPUT_NAMES)}"
+        )
+    return names
+
+
+def encode_response(
+    request: pb.ModelInferRequest,
+    spec: ModelSpec,
+    names: list[str],
+    outputs: dict[str, np.ndarray],
+) -> pb.ModelInferResponse:
+    response = pb.ModelInferResponse(
+        model_name=spec.name, model_version=str(spec.version), id=request.id
+    )
+    for name in names:
+        value = np.ascontiguousarray(outputs[name], dtype="<f4")
+        response.outputs.add(name=name, datatype="FP32", shape=value.shape)
+        response.raw_output_contents.append(value.tobytes())
+    return response
+
+
+def model_metadata(spec: ModelSpec, versions: list[int]) -> pb.ModelMetadataResponse:
+    tensor = pb.ModelMetadataResponse.TensorMetadata
+    return pb.ModelMetadataResponse(
+        name=spec.name,
+        versions=[str(v) for v in versions],
+        platform=PLATFORM,
+        inputs=[tensor(name=spec.input_name, datatype="UINT8", shape=[-1, *spec.image_shape])],
+        outputs=[
+            tensor(name="probabilities", datatype="FP32", shape=[-1, len(spec.labels)]),
+            tensor(name="bottleneck", datatype="FP32", shape=[-1, 2]),
+        ],
+    )
+
+
+def model_config(
+    spec: ModelSpec, max_batch_size: int, max_queue_delay_ms: float, on_cuda: bool
+) -> pb.ModelConfigResponse:
+    kind = pb.ModelInstanceGroup.KIND_GPU if on_cuda else pb.ModelInstanceGroup.KIND_CPU
+    config = pb.ModelConfig(
+        name=spec.name,
+        platform=PLATFORM,
+        backend="onnxruntime",
+        max_batch_size=max_batch_size,
+        input=[
+            pb.ModelInput(
+                name=spec.input_name,
+                data_type=pb.TYPE_UINT8,
+                format=pb.ModelInput.FORMAT_NHWC,
+                dims=list(spec.image_shape),
+            )
+        ],
+        output=[
+            pb.ModelOutput(name="probabilities", data_type=pb.TYPE_FP32, dims=[len(spec.labels)]),
+            pb.ModelOutput(name="bottleneck", data_type=pb.TYPE_FP32, dims=[2]),
+        ],
+        instance_group=[pb.ModelInstanceGroup(name=spec.name, count=1, kind=kind)],
+        default_model_filename="model.onnx",
+        dynamic_batching=pb.ModelDynamicBatching(
+            preferred_batch_size=[max_batch_size],
+            max_queue_delay_microseconds=int(max_queue_delay_ms * 1000),
+        ),
+    )
+    return pb.ModelConfigResponse(config=config)
