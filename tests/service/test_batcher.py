@@ -1,0 +1,140 @@
+"""The batcher's pure helpers and its behaviour under concurrency, overflow and deadlines."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from service.batcher import Batcher, BatchReport, merge, split
+from service.errors import DeadlineExceeded, QueueFull
+
+
+def images(n: int, value: int = 0) -> np.ndarray:
+    return np.full((n, 2, 2, 1), value, dtype=np.uint8)
+
+
+def doubling(batch: np.ndarray) -> dict[str, np.ndarray]:
+    """A stand-in model: each image's output is twice its pixel sum (so rows are traceable)."""
+    return {"out": batch.reshape(len(batch), -1).sum(axis=1, dtype=np.int64)[:, None] * 2}
+
+
+def test_merge_and_split_round_trip() -> None:
+    parts = [images(2, 1), images(1, 2), images(3, 3)]
+    merged, offsets = merge(parts)
+    assert merged.shape == (6, 2, 2, 1) and offsets == [0, 2, 3, 6]
+    answers = split(doubling(merged), offsets)
+    assert [a["out"][:, 0].tolist() for a in answers] == [[8, 8], [16], [24, 24, 24]]
+
+
+class Gate:
+    """A model that blocks until released, to hold the batcher busy deterministically."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, batch: np.ndarray) -> dict[str, np.ndarray]:
+        self.entered.set()
+        self.release.wait(10)
+        return doubling(batch)
+
+
+def make(run, max_batch: int = 8, delay_s: float = 0.05, queue: int = 64):
+    reports: list[BatchReport] = []
+    pool = ThreadPoolExecutor(2)
+    batcher = Batcher(run, pool, max_batch, delay_s, queue, reports.append, name="test v1")
+    return batcher, reports
+
+
+def test_concurrent_requests_are_merged_and_answered_to_the_right_caller() -> None:
+    async def scenario() -> list[BatchReport]:
+        batcher, reports = make(doubling, max_batch=8, delay_s=0.2)
+        batcher.start()
+        answers = await asyncio.gather(*(batcher.submit(images(1, v)) for v in range(8)))
+        for value, answer in enumerate(answers):
+            assert answer["out"].tolist() == [[value * 4 * 2]]
+        await batcher.close()
+        return reports
+
+    reports = asyncio.run(scenario())
+    assert [r.size for r in reports] == [8]  # one full batch, not eight runs
+
+
+def test_a_request_above_max_batch_is_cut_into_batches() -> None:
+    async def scenario() -> list[BatchReport]:
+        batcher, reports = make(doubling, max_batch=4, delay_s=0.0)
+        batcher.start()
+        answer = await batcher.submit(np.arange(10, dtype=np.uint8).reshape(10, 1, 1, 1))
+        assert answer["out"][:, 0].tolist() == [2 * v for v in range(10)]
+        await batcher.close()
+        return reports
+
+    assert sorted(r.size for r in asyncio.run(scenario())) == [2, 4, 4]
+
+
+def test_overflow_is_refused_at_once_and_the_queue_recovers() -> None:
+    gate = Gate()
+
+    async def scenario() -> None:
+        batcher, _ = make(gate, max_batch=2, delay_s=0.0, queue=4)
+        batcher.start()
+        first = asyncio.ensure_future(batcher.submit(images(2)))
+        await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 5)
+        queued = asyncio.ensure_future(batcher.submit(images(4)))  # fills the queue
+        await asyncio.sleep(0)
+        assert batcher.depth == 4
+        with pytest.raises(QueueFull, match=r"test v1: queue full \(4 images waiting"):
+            await batcher.submit(images(1))
+        gate.release.set()
+        assert len((await first)["out"]) == 2 and len((await queued)["out"]) == 4
+        assert batcher.depth == 0
+        await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_expired_requests_are_dropped_before_compute() -> None:
+    gate = Gate()
+
+    async def scenario() -> list[BatchReport]:
+        batcher, reports = make(gate, max_batch=1, delay_s=0.0)
+        batcher.start()
+        busy = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 5)
+        late = asyncio.ensure_future(batcher.submit(images(1), deadline=time.monotonic()))
+        await asyncio.sleep(0.01)
+        gate.release.set()
+        await busy
+        with pytest.raises(DeadlineExceeded, match="dropped before computing"):
+            await late
+        await batcher.close()
+        return reports
+
+    reports = asyncio.run(scenario())
+    assert [r.size for r in reports] == [1]  # only the first request was computed
+
+
+def test_a_failing_model_fails_its_callers_not_the_batcher() -> None:
+    calls = []
+
+    def flaky(batch: np.ndarray) -> dict[str, np.ndarray]:
+        calls.append(len(batch))
+        if len(calls) == 1:
+            raise RuntimeError("boom")
+        return doubling(batch)
+
+    async def scenario() -> None:
+        batcher, reports = make(flaky, max_batch=4, delay_s=0.0)
+        batcher.start()
+        with pytest.raises(Exception, match="inference failed"):
+            await batcher.submit(images(1))
+        assert (await batcher.submit(images(1, 1)))["out"].tolist() == [[8]]
+        assert [r.ok for r in reports] == [False, True]
+        await batcher.close()
+
+    asyncio.run(scenario())
