@@ -165,6 +165,7 @@ class Engine:
         self._models.setdefault(name, {})[version] = model
         labels = (name, str(version))
         self.metrics.model_ready.labels(*labels).set(1)
+        self.metrics.queue_depth.labels(*labels).set_function(lambda: model.batcher.depth)
         device = "cuda" if session.on_cuda else "cpu"
         self.metrics.provider.labels(*labels, session.provider, device).set(1)
         log.info("loaded model %r version %d on %s", name, version, ", ".join(session.providers))
@@ -210,6 +211,7 @@ class Engine:
             del self._models[name]
             self._notify(name, False)
         self.metrics.model_ready.labels(name, str(version)).set(0)
+        self.metrics.queue_depth.labels(name, str(version)).set(0)
         self.metrics.provider.labels(
             name, str(version), model.session.provider, "cuda" if model.session.on_cuda else "cpu"
         ).set(0)
@@ -280,11 +282,7 @@ class Engine:
         imaging.check_tensor(batch, model.spec.image_shape)
         if len(batch) == 0:
             raise InvalidInput(f"{model.where}: the request holds no images")
-        gauge = self.metrics.queue_depth.labels(model.spec.name, str(model.spec.version))
-        try:
-            return await model.batcher.submit(batch, deadline)
-        finally:
-            gauge.set(model.batcher.depth)
+        return await model.batcher.submit(batch, deadline)
 
     async def classify(
         self,

@@ -75,10 +75,11 @@ class LogWatcher:
         threading.Thread(target=self._read, args=(stream,), daemon=True).start()
 
     def _read(self, stream) -> None:
-        for line in stream:
-            with self.changed:
-                self.lines.append(line)
-                self.changed.notify_all()
+        with stream:
+            for line in stream:
+                with self.changed:
+                    self.lines.append(line)
+                    self.changed.notify_all()
 
     def wait_for(self, pattern: str | re.Pattern, timeout_s: float = 60) -> re.Match:
         regex = re.compile(pattern)

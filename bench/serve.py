@@ -1,0 +1,584 @@
+"""Serving benchmark: the real gRPC server against a compute and a transport ceiling.
+
+    .venv/bin/python bench/serve.py                        # both models, 8 s per scenario
+    .venv/bin/python bench/serve.py --duration-s 2 --models scratch --json build/bench.json
+
+For each model the real server (`python -m service serve`) runs as a subprocess; a separate
+client process (one asyncio loop, N concurrent tasks) sends Open Inference Protocol ModelInfer
+requests carrying real Fashion-MNIST pixels as a UINT8 [n, H, W, C] raw tensor. Scenarios: 1, 8
+and 64 closed-loop clients sending single images, 8 clients sending batches of 32, and an
+open-loop run at half the peak single-image rate (latency counted from each request's scheduled
+send time, so a stalled client cannot hide queueing). Each runs a 1 s warm-up, not counted.
+
+Ceilings, measured in the same run: compute is in-process onnxruntime on the same model.onnx at
+the mean batch size the server formed; transport is a bare grpc.aio server that answers every
+ModelInfer with a pre-built response of the same size, driven by the same client code.
+
+Without --repository, models are trained for 1 epoch on the committed sample
+tests/data/fashion-mnist and exported to build/bench-models (reused when present): their accuracy
+is meaningless, only their speed matters. The VGG16 model has a random, frozen base
+(--base-weights none); it computes exactly as much as the ImageNet one. Both share one 2-core box
+with the client process here, so absolute numbers are modest; the ratios are the point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import logging
+import multiprocessing
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import onnxruntime as ort
+from prometheus_client.parser import text_string_to_metric_families
+
+from service import repository
+from service._proto.inference import grpc_predict_v2_pb2 as pb
+from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.repository import ModelSpec
+from service.server import channel_options
+from training.data import read_idx
+
+log = logging.getLogger("bench.serve")
+
+ROOT = Path(__file__).resolve().parent.parent
+SAMPLE = ROOT / "tests" / "data" / "fashion-mnist"
+BUILD = ROOT / "build"
+# python -m training arguments per model (VGG16 caches its features in build/ too)
+MODELS = {
+    "scratch": ["scratch", "--arch", "default"],
+    "vgg16": ["vgg16", "--base-weights", "none", "--cache-dir", str(BUILD / "bench-cache")],
+}
+# name -> (concurrent clients, images per request); "open-loop" follows the single-image ones.
+CLOSED = {"single-1": (1, 1), "single-8": (8, 1), "single-64": (64, 1), "batch32-8": (8, 32)}
+OPEN = "open-loop"
+WARMUP_S = 1.0
+MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+# model -> (yardstick, the least server/yardstick ratio at 64 clients)
+TARGETS = {"scratch": ("transport", 0.7), "vgg16": ("compute", 0.8)}
+
+
+@dataclass(frozen=True)
+class Load:
+    """One scenario for the client process; rate > 0 makes it open-loop."""
+
+    target: str
+    model: str
+    input_name: str
+    clients: int
+    batch: int
+    rate: float
+    duration_s: float
+    metrics_port: int | None
+
+
+@dataclass
+class Row:
+    scenario: str
+    clients: str
+    images_per_s: float
+    p50_ms: float
+    p95_ms: float
+    p99_ms: float
+    mean_batch: float | None
+    errors: dict[str, int] = field(default_factory=dict)
+    transport: float | None = None  # images/s of the bare gRPC server, same scenario
+    compute: float | None = None  # images/s of onnxruntime at round(mean_batch)
+    batch_ms: float | None = None  # one onnxruntime run at round(mean_batch)
+
+
+# ----------------------------------------------------------------------------- client process
+
+
+def _request(load: Load, pixels: np.ndarray) -> pb.ModelInferRequest:
+    tensor = pb.ModelInferRequest.InferInputTensor(
+        name=load.input_name, datatype="UINT8", shape=list(pixels.shape)
+    )
+    return pb.ModelInferRequest(
+        model_name=load.model, inputs=[tensor], raw_input_contents=[pixels.tobytes()]
+    )
+
+
+def _batch_totals(port: int, model: str) -> tuple[float, float]:
+    """(sum, count) of cnn_serving_batch_size for `model`, scraped from /metrics."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as reply:
+        text = reply.read().decode()
+    totals = {"sum": 0.0, "count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "cnn_serving_batch_size":
+            for sample in family.samples:
+                kind = sample.name.rsplit("_", 1)[-1]
+                if sample.labels.get("model") == model and kind in totals:
+                    totals[kind] += sample.value
+    return totals["sum"], totals["count"]
+
+
+async def _drive(load: Load, pixels: np.ndarray) -> dict:
+    """Run one scenario; latencies count only requests sent after the warm-up that finish
+    before the end."""
+    requests = [
+        _request(load, pixels[np.arange(i, i + load.batch) % len(pixels)])
+        for i in range(0, 64 * load.batch, load.batch)
+    ]
+    latencies: list[float] = []
+    errors: collections.Counter[str] = collections.Counter()
+    options = channel_options(MAX_MESSAGE_BYTES)
+    async with grpc.aio.insecure_channel(load.target, options=options) as channel:
+        stub = pb_grpc.GRPCInferenceServiceStub(channel)
+        await stub.ModelInfer(requests[0], timeout=60)  # connects
+        start = time.monotonic()
+        counted_from, end = start + WARMUP_S, start + WARMUP_S + load.duration_s
+
+        async def one(request: pb.ModelInferRequest, sent: float) -> None:
+            try:
+                await stub.ModelInfer(request, timeout=30)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] += 1
+                return
+            done = time.monotonic()
+            if sent >= counted_from and done <= end:
+                latencies.append(done - sent)
+
+        async def closed(offset: int) -> None:
+            while (sent := time.monotonic()) < end:
+                await one(requests[offset % len(requests)], sent)
+                offset += 1
+
+        async def open_loop() -> None:
+            tasks, n = set(), 0
+            while (due := start + n / load.rate) < end:
+                await asyncio.sleep(max(0.0, due - time.monotonic()))
+                task = asyncio.create_task(one(requests[n % len(requests)], due))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+                n += 1
+            await asyncio.gather(*tasks)
+
+        async def batches() -> tuple[float, float] | None:
+            if load.metrics_port is None:
+                return None
+            await asyncio.sleep(counted_from - time.monotonic())
+            before = await asyncio.to_thread(_batch_totals, load.metrics_port, load.model)
+            await asyncio.sleep(end - time.monotonic())
+            after = await asyncio.to_thread(_batch_totals, load.metrics_port, load.model)
+            return after[0] - before[0], after[1] - before[1]
+
+        senders = [open_loop()] if load.rate else [closed(i) for i in range(load.clients)]
+        *_, totals = await asyncio.gather(*senders, batches())
+    return {
+        "images": len(latencies) * load.batch,
+        "latencies_ms": [s * 1000 for s in latencies],
+        "errors": dict(errors),
+        "mean_batch": totals[0] / totals[1] if totals and totals[1] else None,
+    }
+
+
+def client_run(load: Load, pixels: np.ndarray) -> dict:
+    """Entry point in the client process."""
+    return asyncio.run(_drive(load, pixels))
+
+
+def row_from(scenario: str, clients: str, load: Load, result: dict) -> Row:
+    latencies = np.asarray(result["latencies_ms"] or [np.nan])
+    p50, p95, p99 = (float(np.percentile(latencies, q)) for q in (50, 95, 99))
+    rate = result["images"] / load.duration_s
+    return Row(scenario, clients, rate, p50, p95, p99, result["mean_batch"], result["errors"])
+
+
+# ----------------------------------------------------------------------------- servers
+
+
+class TransportServicer(pb_grpc.GRPCInferenceServiceServicer):
+    """ModelInfer only: a pre-built response per batch size, no decoding, no inference."""
+
+    def __init__(self, classes: int) -> None:
+        self._classes = classes
+        self._responses: dict[int, pb.ModelInferResponse] = {}
+
+    async def ModelInfer(self, request, context):  # type: ignore[no-untyped-def]
+        n = request.inputs[0].shape[0]
+        if n not in self._responses:
+            response = pb.ModelInferResponse(model_name=request.model_name, model_version="1")
+            for name, width in (("probabilities", self._classes), ("bottleneck", 2)):
+                response.outputs.add(name=name, datatype="FP32", shape=[n, width])
+                response.raw_output_contents.append(np.zeros((n, width), "<f4").tobytes())
+            self._responses[n] = response
+        return self._responses[n]
+
+
+def transport_main(classes: int, port_sink: multiprocessing.connection.Connection) -> None:
+    """Entry point of the transport-ceiling process: serve until terminated."""
+
+    async def serve() -> None:
+        server = grpc.aio.server(options=channel_options(MAX_MESSAGE_BYTES))
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(TransportServicer(classes), server)
+        port_sink.send(server.add_insecure_port("127.0.0.1:0"))
+        await server.start()
+        await server.wait_for_termination()
+
+    asyncio.run(serve())
+
+
+class ModelServer:
+    """`python -m service serve` on free ports, serving one model; stderr drained in a thread."""
+
+    def __init__(self, repo: Path, spec: ModelSpec, args: argparse.Namespace) -> None:
+        self._view = tempfile.TemporaryDirectory(prefix="bench-repo-")
+        (Path(self._view.name) / spec.name).symlink_to((repo / spec.name).resolve())
+        command = [sys.executable]
+        if args.profile_dir:
+            args.profile_dir.mkdir(parents=True, exist_ok=True)
+            command += ["-m", "cProfile", "-o", str(args.profile_dir / f"{spec.name}.prof")]
+        command += ["-m", "service", "serve", "--repository", self._view.name, "--grpc-port", "0"]
+        command += ["--metrics-port", "0", "--host", "127.0.0.1", "--device", args.device]
+        command += ["--poll-interval-s", "0", "--intra-op-threads", str(args.intra_op_threads)]
+        command += ["--max-batch-size", str(args.max_batch_size)]
+        command += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_SERVING_")}
+        self.process = subprocess.Popen(
+            command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
+        )
+        if self.process.stderr is None:
+            raise RuntimeError("no stderr pipe")
+        self._stderr = self.process.stderr
+        self.tail: collections.deque[str] = collections.deque(maxlen=40)
+        self.warnings: list[str] = []
+        self.metrics_port, self.port, self.providers = self._wait_ready()
+        self.target = f"127.0.0.1:{self.port}"
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _wait_ready(self) -> tuple[int, int, list[str]]:
+        metrics_port = -1
+        for line in self._stderr:
+            self._keep(line)
+            if found := re.search(r"metrics on :(-?\d+)/metrics", line):
+                metrics_port = int(found[1])
+            if "ready: serving" in line:
+                port = int(re.search(r" on port (\d+)\s*$", line)[1])  # type: ignore[index]
+                return metrics_port, port, re.findall(r" v\d+ on (\w+)", line)
+        raise RuntimeError("server exited before it was ready:\n" + "".join(self.tail))
+
+    def _keep(self, line: str) -> None:
+        self.tail.append(line)
+        if " WARNING " in line or " ERROR " in line:
+            self.warnings.append(line.rstrip())
+
+    def _drain(self) -> None:
+        for line in self._stderr:
+            self._keep(line)
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        self.process.wait(timeout=120)
+        self._view.cleanup()
+
+
+# ----------------------------------------------------------------------------- measuring
+
+
+def prepare_repository(models: list[str]) -> Path:
+    """Train (1 epoch, sample data) and export each missing model into build/bench-models."""
+    repo = BUILD / "bench-models"
+    for name in models:
+        if repo.is_dir() and repository.scan(repo).get(name):
+            continue
+        log.info("preparing %s (1 epoch on the sample; accuracy is irrelevant here)", name)
+        run = str(BUILD / "bench-runs" / name)
+        steps = [
+            ["training", *MODELS[name], "--epochs", "1", "--data-dir", str(SAMPLE), "--out", run],
+            ["export", run, "--repository", str(repo), "--name", name],
+        ]
+        steps[0].append("--overwrite")
+        for step in steps:
+            command = [sys.executable, "-m", *step, "--quiet"]
+            subprocess.run(command, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+    return repo
+
+
+def load_pixels(spec: ModelSpec, count: int = 512) -> np.ndarray:
+    """(count, H, W, C) uint8 test images of the sample, resized (nearest) to the model."""
+    images = read_idx(SAMPLE / "t10k-images-idx3-ubyte.gz")[:count]  # (N, 28, 28)
+    rows = np.arange(spec.height) * images.shape[1] // spec.height
+    cols = np.arange(spec.width) * images.shape[2] // spec.width
+    images = images[:, rows][:, :, cols][..., np.newaxis]
+    return np.ascontiguousarray(np.repeat(images, spec.channels, axis=3))
+
+
+def compute_ceiling(session: ort.InferenceSession, pixels: np.ndarray, batch: int) -> float:
+    """Seconds per onnxruntime run at `batch` images (at least 5 runs and 1 s)."""
+    feed = {session.get_inputs()[0].name: pixels[np.arange(batch) % len(pixels)]}
+    for _ in range(3):
+        session.run(None, feed)
+    runs, started = 0, time.monotonic()
+    while runs < 5 or time.monotonic() - started < 1.0:
+        session.run(None, feed)
+        runs += 1
+    return (time.monotonic() - started) / runs
+
+
+def make_session(spec: ModelSpec, args: argparse.Namespace) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = args.intra_op_threads
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    cpu = ["CPUExecutionProvider"]
+    providers = cpu if args.device == "cpu" else ["CUDAExecutionProvider", *cpu]
+    return ort.InferenceSession(str(spec.onnx_path), options, providers=providers)
+
+
+def bench_model(
+    spec: ModelSpec, repo: Path, args: argparse.Namespace, pool: ProcessPoolExecutor, cache: dict
+) -> dict:
+    pixels = load_pixels(spec)
+
+    def measure(target: str, metrics: int | None, scenario: str, rate: float = 0.0) -> Row:
+        clients, batch = CLOSED.get(scenario, (0, 1))
+        load = Load(
+            target, spec.name, spec.input_name, clients, batch, rate, args.duration_s, metrics
+        )
+        log.info("%s %s on %s", spec.name, scenario, target)
+        label = f"{rate:.0f}/s" if rate else str(clients)
+        return row_from(scenario, label, load, pool.submit(client_run, load, pixels).result())
+
+    closed = [s for s in CLOSED if s in args.scenarios]
+    server = ModelServer(repo, spec, args)
+    try:
+        rows = [measure(server.target, server.metrics_port, s) for s in closed]
+        single = [r.images_per_s for r in rows if CLOSED[r.scenario][1] == 1]
+        if OPEN in args.scenarios and single:
+            rows.append(measure(server.target, server.metrics_port, OPEN, max(single) / 2))
+    finally:
+        server.stop()
+    session = make_session(spec, args)
+    for row in rows:
+        if row.mean_batch:
+            batch = max(1, round(row.mean_batch))
+            row.batch_ms = compute_ceiling(session, pixels, batch) * 1000
+            row.compute = batch / row.batch_ms * 1000
+    key = (spec.image_shape, len(spec.labels))
+    if key not in cache:
+        cache[key] = transport_ceilings(len(spec.labels), closed, measure)
+    for row in rows:
+        row.transport = cache[key].get(row.scenario)
+    return {
+        "rows": rows,
+        "providers": server.providers,
+        "warnings": server.warnings,
+        "compute_providers": session.get_providers(),
+    }
+
+
+def transport_ceilings(classes: int, scenarios: list[str], measure) -> dict[str, float]:  # type: ignore[no-untyped-def]
+    receive, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
+    process = multiprocessing.get_context("spawn").Process(
+        target=transport_main, args=(classes, send), daemon=True
+    )
+    process.start()
+    try:
+        target = f"127.0.0.1:{receive.recv()}"
+        return {s: measure(target, None, s).images_per_s for s in scenarios}
+    finally:
+        process.terminate()
+        process.join()
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "n/a" if value is None or value != value else f"{value:,.{digits}f}"
+
+
+def _ratio(numerator: float, denominator: float | None) -> str:
+    return f"{numerator / denominator:.2f}x" if denominator else "n/a"
+
+
+def table(name: str, rows: list[Row]) -> str:
+    head = [
+        "scenario",
+        "clients",
+        "images/s",
+        "p50 ms",
+        "p95 ms",
+        "p99 ms",
+        "mean batch",
+        "transport ceiling img/s",
+        "compute ceiling img/s",
+        "ratio vs transport",
+        "ratio vs compute",
+    ]
+    lines = [f"### {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.scenario,
+            r.clients,
+            _num(r.images_per_s),
+            _num(r.p50_ms, 2),
+            _num(r.p95_ms, 2),
+            _num(r.p99_ms, 2),
+            _num(r.mean_batch, 2),
+            _num(r.transport),
+            _num(r.compute),
+            _ratio(r.images_per_s, r.transport),
+            _ratio(r.images_per_s, r.compute),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def targets(name: str, rows: list[Row], max_delay_ms: float) -> list[tuple[str, bool]]:
+    """(description, passed) for each target this model's rows can answer."""
+    found = []
+    by = {r.scenario: r for r in rows}
+    peak = by.get("single-64")
+    yardstick, least = TARGETS[name]
+    ceiling = getattr(peak, yardstick, None) if peak else None
+    if peak and ceiling:
+        ratio = peak.images_per_s / ceiling
+        found.append(
+            (
+                f"{name}: 64 clients >= {least}x {yardstick} ceiling: {ratio:.2f}x "
+                f"({peak.images_per_s:,.0f} vs {ceiling:,.0f} img/s)",
+                ratio >= least,
+            )
+        )
+    half = by.get(OPEN)
+    if half and half.batch_ms is not None and half.mean_batch:
+        bound = max_delay_ms + 2 * half.batch_ms
+        found.append(
+            (
+                f"{name}: p99 at half the peak load ({half.clients}) <= max-queue-delay "
+                f"{max_delay_ms:g} ms + 2 x {half.batch_ms:.2f} ms (one batch of "
+                f"{round(half.mean_batch)}) = {bound:.2f} ms: p99 {half.p99_ms:.2f} ms",
+                half.p99_ms <= bound,
+            )
+        )
+    return found
+
+
+def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
+    providers = {name: r["providers"] for name, r in results.items()}
+    print(
+        f"cpus {os.cpu_count()}, onnxruntime {ort.__version__}, grpcio {grpc.__version__}, "
+        f"--device {args.device}, server providers {providers}, --intra-op-threads "
+        f"{args.intra_op_threads}, --max-batch-size {args.max_batch_size}, "
+        f"--max-queue-delay-ms {args.max_queue_delay_ms:g}, {args.duration_s:g} s per "
+        "scenario; vgg16 has a random frozen base (--base-weights none)\n"
+    )
+    verdicts = {}
+    for name, result in results.items():
+        print(table(name, result["rows"]) + "\n")
+        for text, passed in targets(name, result["rows"], args.max_queue_delay_ms):
+            print(f"- target {text}: {'PASS' if passed else 'FAIL'}")
+            verdicts[text] = passed
+        for row in result["rows"]:
+            if row.errors:
+                print(f"- {name} {row.scenario}: failed RPCs {row.errors}")
+        for line in result["warnings"]:
+            print(f"- {name} server logged: {line}")
+        print()
+    return {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "cpus": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "targets": verdicts,
+        "models": {n: {**r, "rows": [asdict(x) for x in r["rows"]]} for n, r in results.items()},
+    }
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        epilog=__doc__.split("\n\n", 2)[2],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = p.add_argument
+    add(
+        "--repository",
+        type=Path,
+        metavar="DIR",
+        help="model repository to benchmark; default: "
+        "build/bench-models, trained and exported on first use (1 epoch, sample data)",
+    )
+    add("--models", default="scratch,vgg16", help="comma-separated models (default: %(default)s)")
+    add(
+        "--device",
+        choices=("auto", "cpu", "cuda"),
+        default="cpu",
+        help="server --device, and the compute ceiling's provider (default: %(default)s)",
+    )
+    add(
+        "--duration-s",
+        type=float,
+        default=8.0,
+        help="seconds measured per scenario, after a 1 s warm-up (default: %(default)s)",
+    )
+    add(
+        "--intra-op-threads",
+        type=int,
+        default=0,
+        help="onnxruntime threads per run, server "
+        "and compute ceiling; 0: onnxruntime's default (default: %(default)s)",
+    )
+    add("--max-batch-size", type=int, default=64, help="server --max-batch-size (default: 64)")
+    add(
+        "--max-queue-delay-ms",
+        type=float,
+        default=2.0,
+        help="server --max-queue-delay-ms, in ms (default: %(default)s)",
+    )
+    add(
+        "--scenarios",
+        default=",".join([*CLOSED, OPEN]),
+        help="comma-separated subset of %(default)s; open-loop runs at half the best "
+        "single-image rate, so it needs one single-* scenario",
+    )
+    add("--json", type=Path, metavar="FILE", help="also write every number to FILE as JSON")
+    add(
+        "--profile-dir",
+        type=Path,
+        metavar="DIR",
+        help="run each server under cProfile, writing DIR/MODEL.prof (slows the server)",
+    )
+    args = p.parse_args(argv)
+    args.models = [m for m in args.models.split(",") if m]
+    args.scenarios = [s for s in args.scenarios.split(",") if s]
+    unknown = set(args.models) - set(MODELS) | set(args.scenarios) - {*CLOSED, OPEN}
+    if unknown:
+        p.error(f"unknown model or scenario: {', '.join(sorted(unknown))}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
+    repo = args.repository or prepare_repository(args.models)
+    results, cache = {}, {}
+    spawn = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
+        for name in args.models:
+            spec = repository.read_spec(repo, name, max(repository.scan(repo)[name]))
+            results[name] = bench_model(spec, repo, args, pool, cache)
+    numbers = report(args, results)
+    if args.json:
+        args.json.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
