@@ -12,7 +12,7 @@ DEMO_REPO   ?= models
 DEMO_MODEL  ?= fashion
 DEMO_EPOCHS ?= 3
 
-.PHONY: install test lint format demo demo-data clean
+.PHONY: install test lint format protos demo demo-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
 	$(BIN)/mypy training export service
+
+# Regenerate service/_proto from protos/*.proto (a test fails when they drift apart).
+protos: install
+	$(BIN)/python protos/generate.py service/_proto
 
 format: install
 	$(BIN)/ruff format .

@@ -38,6 +38,7 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -69,6 +70,10 @@ CLOSED = {"single-1": (1, 1), "single-8": (8, 1), "single-64": (64, 1), "batch32
 OPEN = "open-loop"
 WARMUP_S = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+HEAD = (
+    "scenario | clients | images/s | p50 ms | p95 ms | p99 ms | mean batch | transport ceiling "
+    "img/s | compute ceiling img/s | ratio vs transport | ratio vs compute"
+)
 # model -> (yardstick, the least server/yardstick ratio at 64 clients)
 TARGETS = {"scratch": ("transport", 0.7), "vgg16": ("compute", 0.8)}
 
@@ -100,6 +105,7 @@ class Row:
     transport: float | None = None  # images/s of the bare gRPC server, same scenario
     compute: float | None = None  # images/s of onnxruntime at round(mean_batch)
     batch_ms: float | None = None  # one onnxruntime run at round(mean_batch)
+    client_cpu: float = 0.0  # CPU seconds per second of the client process (it shares the box)
 
 
 # ----------------------------------------------------------------------------- client process
@@ -141,7 +147,7 @@ async def _drive(load: Load, pixels: np.ndarray) -> dict:
     async with grpc.aio.insecure_channel(load.target, options=options) as channel:
         stub = pb_grpc.GRPCInferenceServiceStub(channel)
         await stub.ModelInfer(requests[0], timeout=60)  # connects
-        start = time.monotonic()
+        start, cpu = time.monotonic(), time.process_time()
         counted_from, end = start + WARMUP_S, start + WARMUP_S + load.duration_s
 
         async def one(request: pb.ModelInferRequest, sent: float) -> None:
@@ -181,6 +187,7 @@ async def _drive(load: Load, pixels: np.ndarray) -> dict:
         senders = [open_loop()] if load.rate else [closed(i) for i in range(load.clients)]
         *_, totals = await asyncio.gather(*senders, batches())
     return {
+        "client_cpu": (time.process_time() - cpu) / (time.monotonic() - start),
         "images": len(latencies) * load.batch,
         "latencies_ms": [s * 1000 for s in latencies],
         "errors": dict(errors),
@@ -197,7 +204,9 @@ def row_from(scenario: str, clients: str, load: Load, result: dict) -> Row:
     latencies = np.asarray(result["latencies_ms"] or [np.nan])
     p50, p95, p99 = (float(np.percentile(latencies, q)) for q in (50, 95, 99))
     rate = result["images"] / load.duration_s
-    return Row(scenario, clients, rate, p50, p95, p99, result["mean_batch"], result["errors"])
+    row = Row(scenario, clients, rate, p50, p95, p99, result["mean_batch"], result["errors"])
+    row.client_cpu = result["client_cpu"]
+    return row
 
 
 # ----------------------------------------------------------------------------- servers
@@ -383,11 +392,13 @@ def bench_model(
     }
 
 
-def transport_ceilings(classes: int, scenarios: list[str], measure) -> dict[str, float]:  # type: ignore[no-untyped-def]
-    receive, send = multiprocessing.get_context("spawn").Pipe(duplex=False)
-    process = multiprocessing.get_context("spawn").Process(
-        target=transport_main, args=(classes, send), daemon=True
-    )
+def transport_ceilings(
+    classes: int, scenarios: list[str], measure: Callable[..., Row]
+) -> dict[str, float]:
+    """images/s of the bare gRPC server (its own process) for each closed-loop scenario."""
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    process = spawn.Process(target=transport_main, args=(classes, send), daemon=True)
     process.start()
     try:
         target = f"127.0.0.1:{receive.recv()}"
@@ -409,34 +420,13 @@ def _ratio(numerator: float, denominator: float | None) -> str:
 
 
 def table(name: str, rows: list[Row]) -> str:
-    head = [
-        "scenario",
-        "clients",
-        "images/s",
-        "p50 ms",
-        "p95 ms",
-        "p99 ms",
-        "mean batch",
-        "transport ceiling img/s",
-        "compute ceiling img/s",
-        "ratio vs transport",
-        "ratio vs compute",
-    ]
-    lines = [f"### {name}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    head = HEAD.split(" | ")
+    lines = [f"### {name}", "", f"| {HEAD} |", "|" + "---|" * len(head)]
     for r in rows:
-        cells = [
-            r.scenario,
-            r.clients,
-            _num(r.images_per_s),
-            _num(r.p50_ms, 2),
-            _num(r.p95_ms, 2),
-            _num(r.p99_ms, 2),
-            _num(r.mean_batch, 2),
-            _num(r.transport),
-            _num(r.compute),
-            _ratio(r.images_per_s, r.transport),
-            _ratio(r.images_per_s, r.compute),
-        ]
+        cells = [r.scenario, r.clients, _num(r.images_per_s)]
+        cells += [_num(v, 2) for v in (r.p50_ms, r.p95_ms, r.p99_ms, r.mean_batch)]
+        cells += [_num(v) for v in (r.transport, r.compute)]
+        cells += [_ratio(r.images_per_s, v) for v in (r.transport, r.compute)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -450,24 +440,17 @@ def targets(name: str, rows: list[Row], max_delay_ms: float) -> list[tuple[str, 
     ceiling = getattr(peak, yardstick, None) if peak else None
     if peak and ceiling:
         ratio = peak.images_per_s / ceiling
-        found.append(
-            (
-                f"{name}: 64 clients >= {least}x {yardstick} ceiling: {ratio:.2f}x "
-                f"({peak.images_per_s:,.0f} vs {ceiling:,.0f} img/s)",
-                ratio >= least,
-            )
-        )
+        text = f"{name}: 64 clients >= {least}x {yardstick} ceiling: {ratio:.2f}x"
+        found.append((f"{text} ({peak.images_per_s:,.0f} vs {ceiling:,.0f} img/s)", ratio >= least))
     half = by.get(OPEN)
     if half and half.batch_ms is not None and half.mean_batch:
         bound = max_delay_ms + 2 * half.batch_ms
-        found.append(
-            (
-                f"{name}: p99 at half the peak load ({half.clients}) <= max-queue-delay "
-                f"{max_delay_ms:g} ms + 2 x {half.batch_ms:.2f} ms (one batch of "
-                f"{round(half.mean_batch)}) = {bound:.2f} ms: p99 {half.p99_ms:.2f} ms",
-                half.p99_ms <= bound,
-            )
+        text = (
+            f"{name}: p99 at half the peak load ({half.clients}) <= max-queue-delay "
+            f"{max_delay_ms:g} ms + 2 x {half.batch_ms:.2f} ms (one batch of "
+            f"{round(half.mean_batch)}) = {bound:.2f} ms: p99 {half.p99_ms:.2f} ms"
         )
+        found.append((text, half.p99_ms <= bound))
     return found
 
 
@@ -501,59 +484,56 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
     }
 
 
+class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as is, and every option's default."""
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0],
-        epilog=__doc__.split("\n\n", 2)[2],
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    intro, epilog = __doc__.split("\n\n", 1)
+    p = argparse.ArgumentParser(description=intro, epilog=epilog, formatter_class=_Help)
     add = p.add_argument
     add(
         "--repository",
         type=Path,
         metavar="DIR",
-        help="model repository to benchmark; default: "
-        "build/bench-models, trained and exported on first use (1 epoch, sample data)",
+        help="model repository to benchmark; none: "
+        "build/bench-models, trained for 1 epoch on the sample and exported on first use",
     )
-    add("--models", default="scratch,vgg16", help="comma-separated models (default: %(default)s)")
+    add("--models", default="scratch,vgg16", help="comma-separated models to benchmark")
     add(
         "--device",
-        choices=("auto", "cpu", "cuda"),
         default="cpu",
-        help="server --device, and the compute ceiling's provider (default: %(default)s)",
+        choices=("auto", "cpu", "cuda"),
+        help="the server's --device, and the compute ceiling's onnxruntime provider",
     )
     add(
         "--duration-s",
         type=float,
         default=8.0,
-        help="seconds measured per scenario, after a 1 s warm-up (default: %(default)s)",
+        help="seconds measured per scenario, after a 1 s warm-up that is not counted",
     )
     add(
         "--intra-op-threads",
         type=int,
         default=0,
-        help="onnxruntime threads per run, server "
-        "and compute ceiling; 0: onnxruntime's default (default: %(default)s)",
+        help="onnxruntime threads per run, in the "
+        "server and the compute ceiling; 0: onnxruntime's default (one per physical core)",
     )
-    add("--max-batch-size", type=int, default=64, help="server --max-batch-size (default: 64)")
-    add(
-        "--max-queue-delay-ms",
-        type=float,
-        default=2.0,
-        help="server --max-queue-delay-ms, in ms (default: %(default)s)",
-    )
+    add("--max-batch-size", type=int, default=64, help="the server's, in images")
+    add("--max-queue-delay-ms", type=float, default=2.0, help="the server's, in milliseconds")
     add(
         "--scenarios",
         default=",".join([*CLOSED, OPEN]),
-        help="comma-separated subset of %(default)s; open-loop runs at half the best "
-        "single-image rate, so it needs one single-* scenario",
+        help="comma-separated subset; "
+        "open-loop sends single images at half the best single-* rate, so needs one of those",
     )
     add("--json", type=Path, metavar="FILE", help="also write every number to FILE as JSON")
     add(
         "--profile-dir",
         type=Path,
         metavar="DIR",
-        help="run each server under cProfile, writing DIR/MODEL.prof (slows the server)",
+        help="run each server under cProfile into "
+        "DIR/MODEL.prof (slows the server; none: no profile)",
     )
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]

@@ -1,0 +1,52 @@
+"""Run by test_triton.py in its own process: Triton's client against our server.
+
+    python tests/service/triton_probe.py HOST:PORT MODEL IMAGES.npy PNG_DIR > answers.json
+
+tritonclient registers its own `inference.*` protobuf messages, so it must not share a process
+with our generated V2 module; this script imports nothing from `service`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import tritonclient.grpc as triton
+from tritonclient.utils import InferenceServerException
+
+
+def main(target: str, model: str, images_file: str, png_dir: str) -> dict:
+    client = triton.InferenceServerClient(target)
+    images = np.load(images_file)  # (N, H, W, C) uint8
+    pngs = [p.read_bytes() for p in sorted(Path(png_dir).glob("*.png"))]
+    answers: dict = {
+        "live": client.is_server_live(),
+        "ready": client.is_server_ready(),
+        "model_ready": client.is_model_ready(model),
+        "server": client.get_server_metadata(as_json=True),
+        "metadata": client.get_model_metadata(model, as_json=True),
+        "config": client.get_model_config(model, as_json=True),
+    }
+    pixels = triton.InferInput("images", list(images.shape), "UINT8")
+    pixels.set_data_from_numpy(images)
+    result = client.infer(model, [pixels])
+    answers["uint8"] = {name: result.as_numpy(name).tolist()
+                        for name in ("probabilities", "bottleneck")}  # fmt: skip
+    encoded = triton.InferInput("images", [len(pngs)], "BYTES")
+    encoded.set_data_from_numpy(np.array(pngs, dtype=np.object_))
+    wanted = [triton.InferRequestedOutput("bottleneck")]
+    result = client.infer(model, [encoded], outputs=wanted, model_version="1")
+    answers["bytes"] = {"bottleneck": result.as_numpy("bottleneck").tolist(),
+                        "probabilities": result.as_numpy("probabilities") is None}  # fmt: skip
+    try:
+        client.infer("no-such-model", [pixels])
+    except InferenceServerException as exc:
+        answers["error"] = {"status": exc.status(), "message": exc.message()}
+    answers["statistics"] = client.get_inference_statistics(model, as_json=True)
+    return answers
+
+
+if __name__ == "__main__":
+    json.dump(main(*sys.argv[1:5]), sys.stdout)
