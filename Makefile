@@ -11,8 +11,9 @@ DEMO_RUN    ?= runs/demo
 DEMO_REPO   ?= models
 DEMO_MODEL  ?= fashion
 DEMO_EPOCHS ?= 3
+DEMO_PORT   ?= 18001
 
-.PHONY: install test lint format protos demo demo-data clean
+.PHONY: install test lint format protos demo demo-serve demo-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -57,6 +58,21 @@ demo: install demo-data
 	$(BIN)/python -m export $(DEMO_RUN) --repository $(DEMO_REPO) --name $(DEMO_MODEL) \
 	  --quiet > $(DEMO_RUN).export.json; \
 	$(BIN)/python -m training.summary $(DEMO_RUN) $(DEMO_RUN).export.json
+	@$(MAKE) --no-print-directory demo-serve
+
+# Serve the exported model, classify one real test image per class over gRPC, stop the server.
+demo-serve: install
+	@set -e; rm -rf $(DEMO_RUN)-images; \
+	$(BIN)/python -m training.write_images $(DEMO_RUN)-images --data-dir tests/data/fashion-mnist \
+	  --per-class 1 > /dev/null; \
+	echo "starting the server on 127.0.0.1:$(DEMO_PORT) (log: $(DEMO_RUN).serve.log) ..."; \
+	$(BIN)/python -m service serve --repository $(DEMO_REPO) --host 127.0.0.1 \
+	  --grpc-port $(DEMO_PORT) --metrics-port -1 --poll-interval-s 0 2> $(DEMO_RUN).serve.log & \
+	pid=$$!; trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
+	$(BIN)/python -m service health --server 127.0.0.1:$(DEMO_PORT) --wait-s 60 > /dev/null; \
+	echo "classifying one test image per class (folder = true label) over gRPC:"; \
+	$(BIN)/python -m service classify --server 127.0.0.1:$(DEMO_PORT) --model $(DEMO_MODEL) \
+	  --top-k 2 $(DEMO_RUN)-images/*/*.png
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -199,6 +199,8 @@ def _health_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add(p, "--server", "HOST:PORT of the server", default="localhost:8001")
     _add(p, "--model", "a model name instead of the whole server", default="")
+    _add(p, "--wait-s", "wait up to this many seconds for SERVING; 0: ask once", type=float,
+         default=0.0)
     _connection_options(p)
 
 
@@ -332,6 +334,8 @@ def _as_table(predictions: list[Prediction]) -> str:
 
 def run_health(args: argparse.Namespace) -> int:
     with _client(args, args.server) as client:
+        if args.wait_s > 0:
+            client.wait_ready(args.wait_s, args.model)
         status = client.health(args.model)
     print(status)
     return 0 if status == "SERVING" else 1
