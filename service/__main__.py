@@ -199,8 +199,13 @@ def _health_parser(sub: argparse._SubParsersAction) -> None:
     )
     _add(p, "--server", "HOST:PORT of the server", default="localhost:8001")
     _add(p, "--model", "a model name instead of the whole server", default="")
-    _add(p, "--wait-s", "wait up to this many seconds for SERVING; 0: ask once", type=float,
-         default=0.0)
+    _add(
+        p,
+        "--wait-s",
+        "wait up to this many seconds for SERVING; 0: ask once",
+        type=float,
+        default=0.0,
+    )
     _connection_options(p)
 
 

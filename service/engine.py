@@ -23,7 +23,14 @@ from service import images as imaging
 from service import repository
 from service.batcher import Batcher, BatchReport, Outputs
 from service.config import ServeConfig
-from service.errors import ConfigError, InvalidInput, ModelLoadError, ModelNotFound, ServingError
+from service.errors import (
+    ConfigError,
+    InvalidInput,
+    ModelLoadError,
+    ModelNotFound,
+    ServingError,
+    Unavailable,
+)
 from service.metrics import Metrics
 from service.predictions import DEFAULT_TOP_K, Prediction, failed, from_outputs
 from service.repository import ModelSpec
@@ -233,6 +240,8 @@ class Engine:
     def model(self, name: str, version: int | None = None) -> LoadedModel:
         """The requested version, or the newest one; raises ModelNotFound."""
         versions = self._models.get(name)
+        if not versions and not self.ready:
+            raise Unavailable(f"model {name!r}: the server is still loading its models")
         if not versions:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"model {name!r} is not loaded (loaded models: {known})")
@@ -251,11 +260,16 @@ class Engine:
         """Each input -> (H, W, C) uint8, or the InvalidInput that says why not (naming the
         model, version and image index). Encoded images decode in parallel, off the loop."""
         loop = asyncio.get_running_loop()
-        jobs = [
-            loop.run_in_executor(self._decode, self._decode_one, model, i, item)
+        jobs = {
+            i: loop.run_in_executor(self._decode, self._decode_one, model, i, item)
+            for i, item in enumerate(inputs)
+            if isinstance(item, bytes)  # real work: off the loop, in parallel
+        }
+        decoded = dict(zip(jobs, await asyncio.gather(*jobs.values()), strict=True))
+        return [
+            decoded[i] if i in decoded else self._decode_one(model, i, item)
             for i, item in enumerate(inputs)
         ]
-        return list(await asyncio.gather(*jobs))
 
     def _decode_one(
         self, model: LoadedModel, index: int, item: ImageInput | InvalidInput

@@ -306,12 +306,12 @@ def test_device_cuda_without_gpu_stops_the_server(repository: Path):
     assert last.startswith("error: --device cuda: onnxruntime's CUDAExecutionProvider did not")
 
 
-def wait_for_queue(served: Served, timeout_s: float = 30) -> None:
-    """Until the server reports images waiting in its queue (requests are in flight)."""
+def wait_for_queue(served: Served, minimum: int, timeout_s: float = 30) -> None:
+    """Until the server reports more than `minimum` images waiting in its queue."""
     deadline = time.monotonic() + timeout_s
     labels = {"model": MODEL, "version": "1"}
     while sample(scrape(served), "cnn_serving_queue_depth", "cnn_serving_queue_depth",
-                 **labels) == 0:  # fmt: skip
+                 **labels) <= minimum:  # fmt: skip
         assert time.monotonic() < deadline, "the requests never reached the queue"
 
 
@@ -320,14 +320,15 @@ def test_sigterm_drains_requests_in_flight(repository: Path, sample_images):
                           "--max-queue-size", "100000")  # fmt: skip
     x, _ = sample_images
     image = pb.Image(tensor=pb.Tensor(height=28, width=28, channels=1, data=x[0].tobytes()))
-    request = pb.ClassifyRequest(model=MODEL, images=[image] * 1000)
+    request = pb.ClassifyRequest(model=MODEL, images=[image] * 3000)
 
     async def scenario() -> tuple[list, list]:
         async with grpc.aio.insecure_channel(served.target) as channel:
             stub = pb_grpc.ClassifierStub(channel)
             inflight = [asyncio.ensure_future(stub.Classify(request, timeout=120))
                         for _ in range(3)]  # fmt: skip
-            await asyncio.get_running_loop().run_in_executor(None, wait_for_queue, served)
+            # More than 6,000 images queued: all three requests have arrived.
+            await asyncio.get_running_loop().run_in_executor(None, wait_for_queue, served, 6000)
             served.process.send_signal(signal.SIGTERM)
             await asyncio.get_running_loop().run_in_executor(
                 None, served.log.wait_for, "draining", 30
@@ -337,6 +338,10 @@ def test_sigterm_drains_requests_in_flight(repository: Path, sample_images):
                 await stub.Classify(request, timeout=10)
             except grpc.aio.AioRpcError as exc:
                 late.append(exc.code())
+            health = health_pb2_grpc.HealthStub(channel)
+            for service in ("", MODEL):
+                check = health_pb2.HealthCheckRequest(service=service)
+                late.append((await health.Check(check, timeout=10)).status)
             return await asyncio.gather(*inflight), late
 
     try:
@@ -346,6 +351,7 @@ def test_sigterm_drains_requests_in_flight(repository: Path, sample_images):
         if served.process.poll() is None:  # only after a failure above
             served.process.kill()
             served.process.wait()
-    assert all(len(a.results) == 1000 and not a.results[0].HasField("error") for a in answers)
-    assert late == [grpc.StatusCode.UNAVAILABLE]
+    assert all(len(a.results) == 3000 and not a.results[0].HasField("error") for a in answers)
+    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
+    assert late == [grpc.StatusCode.UNAVAILABLE, not_serving, not_serving]
     assert int(served.log.wait_for(r"draining: (\d+) RPCs in flight", 1).group(1)) >= 1
