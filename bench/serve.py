@@ -74,6 +74,21 @@ HEAD = (
     "scenario | clients | images/s | p50 ms | p95 ms | p99 ms | mean batch | transport ceiling "
     "img/s | compute ceiling img/s | ratio vs transport | ratio vs compute"
 )
+OPTIONS = (  # flag, default (shown by --help), type, help
+    ("--repository", None, Path, "model repository; none: build/bench-models, made on first use"),
+    ("--models", "scratch,vgg16", str, "comma-separated models to benchmark"),
+    ("--device", "cpu", str, "auto, cpu or cuda: the server's and the compute ceiling's"),
+    ("--duration-s", 8.0, float, "seconds measured per scenario, after a 1 s warm-up"),
+    ("--intra-op-threads", 0, int, "onnxruntime threads per run, server and compute ceiling; "
+     "0: onnxruntime's default (one per physical core)"),
+    ("--max-batch-size", 64, int, "the server's, in images"),
+    ("--max-queue-delay-ms", 2.0, float, "the server's, in milliseconds"),
+    ("--scenarios", ",".join([*CLOSED, OPEN]), str, "comma-separated subset; open-loop sends "
+     "single images at half the best single-* rate, so it needs one of those"),
+    ("--json", None, Path, "also write every number to this file as JSON; none: do not"),
+    ("--profile-dir", None, Path, "run each server under cProfile into DIR/MODEL.prof (slows "
+     "it); none: no profile"),
+)  # fmt: skip
 # model -> (yardstick, the least server/yardstick ratio at 64 clients)
 TARGETS = {"scratch": ("transport", 0.7), "vgg16": ("compute", 0.8)}
 
@@ -135,8 +150,8 @@ def _batch_totals(port: int, model: str) -> tuple[float, float]:
 
 
 async def _drive(load: Load, pixels: np.ndarray) -> dict:
-    """Run one scenario; latencies count only requests sent after the warm-up that finish
-    before the end."""
+    """Run one scenario; throughput and latencies count the requests that finish after the
+    warm-up and before the end."""
     requests = [
         _request(load, pixels[np.arange(i, i + load.batch) % len(pixels)])
         for i in range(0, 64 * load.batch, load.batch)
@@ -157,7 +172,7 @@ async def _drive(load: Load, pixels: np.ndarray) -> dict:
                 errors[exc.code().name] += 1
                 return
             done = time.monotonic()
-            if sent >= counted_from and done <= end:
+            if counted_from <= done <= end:
                 latencies.append(done - sent)
 
         async def closed(offset: int) -> None:
@@ -384,7 +399,13 @@ def bench_model(
         cache[key] = transport_ceilings(len(spec.labels), closed, measure)
     for row in rows:
         row.transport = cache[key].get(row.scenario)
+    training = spec.metadata.get("training", {})
+    title = f"{spec.name} v{spec.version}: family {spec.metadata.get('family')}, arch "
+    title += f"{spec.metadata.get('arch')}, {training.get('parameters', '?'):,} parameters"
+    if not training.get("base_weights_real", True):
+        title += ", random frozen base (--base-weights none)"
     return {
+        "title": title,
         "rows": rows,
         "providers": server.providers,
         "warnings": server.warnings,
@@ -460,12 +481,11 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
         f"cpus {os.cpu_count()}, onnxruntime {ort.__version__}, grpcio {grpc.__version__}, "
         f"--device {args.device}, server providers {providers}, --intra-op-threads "
         f"{args.intra_op_threads}, --max-batch-size {args.max_batch_size}, "
-        f"--max-queue-delay-ms {args.max_queue_delay_ms:g}, {args.duration_s:g} s per "
-        "scenario; vgg16 has a random frozen base (--base-weights none)\n"
+        f"--max-queue-delay-ms {args.max_queue_delay_ms:g}, {args.duration_s:g} s per scenario\n"
     )
     verdicts = {}
     for name, result in results.items():
-        print(table(name, result["rows"]) + "\n")
+        print(table(result["title"], result["rows"]) + "\n")
         for text, passed in targets(name, result["rows"], args.max_queue_delay_ms):
             print(f"- target {text}: {'PASS' if passed else 'FAIL'}")
             verdicts[text] = passed
@@ -491,56 +511,15 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     intro, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=intro, epilog=epilog, formatter_class=_Help)
-    add = p.add_argument
-    add(
-        "--repository",
-        type=Path,
-        metavar="DIR",
-        help="model repository to benchmark; none: "
-        "build/bench-models, trained for 1 epoch on the sample and exported on first use",
-    )
-    add("--models", default="scratch,vgg16", help="comma-separated models to benchmark")
-    add(
-        "--device",
-        default="cpu",
-        choices=("auto", "cpu", "cuda"),
-        help="the server's --device, and the compute ceiling's onnxruntime provider",
-    )
-    add(
-        "--duration-s",
-        type=float,
-        default=8.0,
-        help="seconds measured per scenario, after a 1 s warm-up that is not counted",
-    )
-    add(
-        "--intra-op-threads",
-        type=int,
-        default=0,
-        help="onnxruntime threads per run, in the "
-        "server and the compute ceiling; 0: onnxruntime's default (one per physical core)",
-    )
-    add("--max-batch-size", type=int, default=64, help="the server's, in images")
-    add("--max-queue-delay-ms", type=float, default=2.0, help="the server's, in milliseconds")
-    add(
-        "--scenarios",
-        default=",".join([*CLOSED, OPEN]),
-        help="comma-separated subset; "
-        "open-loop sends single images at half the best single-* rate, so needs one of those",
-    )
-    add("--json", type=Path, metavar="FILE", help="also write every number to FILE as JSON")
-    add(
-        "--profile-dir",
-        type=Path,
-        metavar="DIR",
-        help="run each server under cProfile into "
-        "DIR/MODEL.prof (slows the server; none: no profile)",
-    )
+    for flag, default, kind, text in OPTIONS:
+        metavar = flag.rsplit("-", 1)[-1].upper()  # units where the flag has them: S, MS
+        p.add_argument(flag, default=default, type=kind, help=text, metavar=metavar)
     args = p.parse_args(argv)
     args.models = [m for m in args.models.split(",") if m]
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.models) - set(MODELS) | set(args.scenarios) - {*CLOSED, OPEN}
-    if unknown:
-        p.error(f"unknown model or scenario: {', '.join(sorted(unknown))}")
+    if unknown or args.device not in ("auto", "cpu", "cuda"):
+        p.error(f"unknown model, scenario or device: {', '.join(sorted(unknown))}")
     return args
 
 
@@ -548,7 +527,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     repo = args.repository or prepare_repository(args.models)
-    results, cache = {}, {}
+    results: dict[str, dict] = {}
+    cache: dict[tuple, dict[str, float]] = {}  # transport ceilings by (image shape, classes)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
         for name in args.models:
