@@ -230,14 +230,23 @@ def test_health_for_server_and_models(server: Served):
 
 
 def test_deadline_exceeded_while_queued(repository: Path, sample_images):
-    # One image per batch and a long queue: the last requests wait far longer than 1 ms.
+    # One image per batch: 3,000 images take well over the 0.3 s deadline, so the server sees
+    # the deadline pass while most of the request is still queued, and drops the rest.
     served = start_server(repository, "--max-batch-size", "1", "--max-queue-size", "100000")
     x, _ = sample_images
     try:
         with Client(served.target) as client:
             with pytest.raises(ClientError) as caught:
-                client.classify([x[0]] * 3000, MODEL, timeout_s=0.001)
+                client.classify([x[0]] * 3000, MODEL, timeout_s=0.3)
         assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+        expired = {"model": MODEL, "version": "1", "code": "DEADLINE_EXCEEDED"}
+        deadline = time.monotonic() + 30
+        while not sample(scrape(served), "cnn_serving_requests", "cnn_serving_requests_total",
+                         **expired):  # fmt: skip
+            assert time.monotonic() < deadline, "the server never recorded the expiry"
+        computed = sample(scrape(served), "cnn_serving_batch_size", "cnn_serving_batch_size_sum",
+                          model=MODEL, version="1")  # fmt: skip
+        assert computed < 3000, "expired images were computed anyway"
     finally:
         assert served.stop() == 0
 
