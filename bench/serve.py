@@ -481,14 +481,16 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
         f"cpus {os.cpu_count()}, onnxruntime {ort.__version__}, grpcio {grpc.__version__}, "
         f"--device {args.device}, server providers {providers}, --intra-op-threads "
         f"{args.intra_op_threads}, --max-batch-size {args.max_batch_size}, "
-        f"--max-queue-delay-ms {args.max_queue_delay_ms:g}, {args.duration_s:g} s per scenario\n"
+        f"--max-queue-delay-ms {args.max_queue_delay_ms:g}, {args.duration_s:g} s per scenario."
+        "\nCeilings: compute = onnxruntime alone at round(mean batch); transport = a bare "
+        "grpc.aio server sending canned replies to the same client.\n"
     )
-    verdicts = {}
+    verdicts = []
     for name, result in results.items():
         print(table(result["title"], result["rows"]) + "\n")
         for text, passed in targets(name, result["rows"], args.max_queue_delay_ms):
             print(f"- target {text}: {'PASS' if passed else 'FAIL'}")
-            verdicts[text] = passed
+            verdicts.append({"target": text, "passed": passed})
         for row in result["rows"]:
             if row.errors:
                 print(f"- {name} {row.scenario}: failed RPCs {row.errors}")

@@ -35,7 +35,7 @@ class BatchReport:
 
     size: int  # images
     queue_s: list[float]  # per request: enqueue -> batch start
-    compute_s: float
+    compute_s: float  # the model run alone, in its thread
     ok: bool
 
 
@@ -87,6 +87,7 @@ class Batcher:
         self._arrived = asyncio.Event()
         self._worker: asyncio.Task[None] | None = None
         self._closed = False
+        self._gathering = False  # the worker is waiting for a batch to fill
 
     @property
     def depth(self) -> int:
@@ -124,7 +125,19 @@ class Batcher:
             self._pending.append(item)
             self._queued_images += len(item.images)
             pieces.append(item.future)
-        self._arrived.set()
+        # Wake the worker only when it has something to decide: it is idle, or a batch is
+        # full. While it gathers a batch it wakes at the deadline of its window anyway.
+        if not self._gathering or self._queued_images >= self.max_batch_size:
+            self._arrived.set()
+        if len(pieces) == 1:  # the common case, without gather's bookkeeping
+            try:
+                return await pieces[0]
+            finally:
+                pieces[0].cancel()  # a caller that went away leaves its piece unanswered
+        return await self._gather(pieces)
+
+    @staticmethod
+    async def _gather(pieces: list[asyncio.Future[Outputs]]) -> Outputs:
         try:
             results = await asyncio.gather(*pieces, return_exceptions=True)
         finally:
@@ -135,8 +148,6 @@ class Batcher:
             if isinstance(result, BaseException):
                 raise result
             answers.append(result)
-        if len(answers) == 1:
-            return answers[0]
         return {name: np.concatenate([a[name] for a in answers]) for name in answers[0]}
 
     async def _loop(self) -> None:
@@ -145,7 +156,11 @@ class Batcher:
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
-            await self._gather_window()
+            self._gathering = True
+            try:
+                await self._gather_window()
+            finally:
+                self._gathering = False
             batch = self._take()
             if batch:
                 await self._execute(batch)
@@ -159,7 +174,8 @@ class Batcher:
                 return
             self._arrived.clear()
             try:
-                await asyncio.wait_for(self._arrived.wait(), remaining)
+                async with asyncio.timeout(remaining):  # cheaper than wait_for: no new task
+                    await self._arrived.wait()
             except TimeoutError:
                 return
 
@@ -188,13 +204,20 @@ class Batcher:
             size += len(item.images)
         return batch
 
+    def _timed(self, images: np.ndarray) -> tuple[Outputs, float]:
+        """Run the model in the executor; the time is the model's alone (no hand-offs)."""
+        started = time.monotonic()
+        outputs = self._run(images)
+        return outputs, time.monotonic() - started
+
     async def _execute(self, batch: list[_Pending]) -> None:
         started = time.monotonic()
         images, offsets = merge([item.images for item in batch])
         loop = asyncio.get_running_loop()
         ok = True
+        compute_s = 0.0
         try:
-            outputs = await loop.run_in_executor(self._executor, self._run, images)
+            outputs, compute_s = await loop.run_in_executor(self._executor, self._timed, images)
         except Exception as exc:  # answer every caller; the batcher itself must survive
             ok = False
             if not isinstance(exc, ServingError):
@@ -212,7 +235,7 @@ class Batcher:
                 BatchReport(
                     size=len(images),
                     queue_s=[started - item.enqueued for item in batch],
-                    compute_s=time.monotonic() - started,
+                    compute_s=compute_s,
                     ok=ok,
                 )
             )

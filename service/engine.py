@@ -194,12 +194,15 @@ class Engine:
 
     def _batcher(self, spec: ModelSpec, session: Session, stats: Stats) -> Batcher:
         labels = (spec.name, str(spec.version))
+        batch_size = self.metrics.batch_size.labels(*labels)
+        inference = self.metrics.inference_duration.labels(*labels)
+        queue = self.metrics.queue_duration.labels(*labels)
 
         def report(batch: BatchReport) -> None:
-            self.metrics.batch_size.labels(*labels).observe(batch.size)
-            self.metrics.inference_duration.labels(*labels).observe(batch.compute_s)
+            batch_size.observe(batch.size)
+            inference.observe(batch.compute_s)
             for queued in batch.queue_s:
-                self.metrics.queue_duration.labels(*labels).observe(queued)
+                queue.observe(queued)
             stats.record_batch(batch)
 
         return Batcher(

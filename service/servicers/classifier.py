@@ -69,7 +69,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     ) -> pb.ClassifyResponse:
         call.set_model(request.model, request.version or "")
         model = self.engine.model(request.model, request.version or None)
-        call.set_model(request.model, model.spec.version)
+        call.set_model(request.model, model.spec.version, model.stats)
         call.images = len(request.images)
         predictions = await self.engine.classify(
             model,

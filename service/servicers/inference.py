@@ -26,7 +26,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     def _model(self, name: str, version: str, call: Call) -> LoadedModel:
         call.set_model(name, version)
         model = self.engine.model(name, v2_codec.parse_version(name, version))
-        call.set_model(name, model.spec.version)
+        call.set_model(name, model.spec.version, model.stats)
         return model
 
     @unary(API)

@@ -7,6 +7,7 @@ Outputs go in `raw_output_contents` (little-endian FP32), the only form tritoncl
 
 from __future__ import annotations
 
+import math
 import struct
 
 import numpy as np
@@ -70,7 +71,7 @@ def _uint8_input(
         raise InvalidInput(
             f"{where}: UINT8 input shape must be [N, {h}, {w}, {c}], got {list(shape)}"
         )
-    count = int(np.prod(shape))
+    count = math.prod(shape)
     if raw is not None:
         if len(raw) != count:
             raise InvalidInput(
