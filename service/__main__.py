@@ -18,6 +18,7 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +27,28 @@ from service.errors import ServingError
 from service.predictions import Prediction
 
 ENV_PREFIX = "CNN_SERVING_"
+TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+CHUNK = 64  # images per Classify request sent by the CLI
+
+
+def _env_error(message: str) -> None:
+    print(f"error: {message}", file=sys.stderr)
+    raise SystemExit(2)
 
 
 def _add(parser: argparse._ActionsContainer, flag: str, help: str, **kwargs: Any) -> None:
     """An option whose default may come from CNN_SERVING_<NAME>; the help says both."""
     env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
-    if env in os.environ:
-        kwargs["default"] = os.environ[env]  # argparse converts it with `type`
+    value = os.environ.get(env)
+    if value is not None:
+        if kwargs.get("action") == "store_true":
+            if value.lower() not in TRUE + FALSE:
+                _env_error(f"{env}={value!r}: use one of {', '.join(TRUE + FALSE[:-1])}")
+            value = value.lower() in TRUE  # type: ignore[assignment]
+        elif "choices" in kwargs and value not in kwargs["choices"]:
+            _env_error(f"{env}={value!r}: choose from {', '.join(kwargs['choices'])}")
+        kwargs["default"] = value  # argparse converts a string with `type`
+        kwargs["required"] = False
     shown = " (default: %(default)s)" if kwargs.get("default") is not None else ""
     parser.add_argument(flag, help=f"{help}{shown} [env {env}]", **kwargs)
 
@@ -267,7 +283,12 @@ def run_classify(args: argparse.Namespace) -> int:
             raise ServingError(f"{path}: {exc.strerror}") from exc
     if args.server:
         with _client(args, args.server) as client:
-            predictions = client.classify(images, args.model, args.version, args.top_k)
+            predictions = []
+            for start in range(0, len(images), CHUNK):
+                answers = client.classify(
+                    images[start : start + CHUNK], args.model, args.version, args.top_k
+                )
+                predictions += [replace(p, index=p.index + start) for p in answers]
     else:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
         predictions = asyncio.run(_classify_locally(args, images))
@@ -283,21 +304,23 @@ async def _classify_locally(args: argparse.Namespace, images: list[bytes]) -> li
         args.repository,
         device=args.device,
         poll_interval_s=0,
-        max_batch_size=max(1, min(len(images), 64)),
+        max_batch_size=max(1, min(len(images), CHUNK)),
         max_image_pixels=args.max_image_pixels,
     )
     engine = Engine(config)
     try:
         await engine.start()
         model = engine.model(args.model, args.version or None)
-        return await engine.classify(model, images, top_k=args.top_k)
+        predictions = []
+        for start in range(0, len(images), CHUNK):
+            answers = await engine.classify(model, images[start : start + CHUNK], args.top_k)
+            predictions += [replace(p, index=p.index + start) for p in answers]
+        return predictions
     finally:
         await engine.stop()
 
 
 def _with_id(prediction: Prediction, path: str) -> Prediction:
-    from dataclasses import replace  # noqa: PLC0415
-
     return replace(prediction, id=path)
 
 

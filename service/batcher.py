@@ -97,13 +97,20 @@ class Batcher:
     def start(self) -> None:
         self._worker = asyncio.get_running_loop().create_task(self._loop(), name=self._name)
 
-    async def close(self) -> None:
-        """Stop taking requests, finish what is queued, stop the worker."""
+    async def close(self, graceful: bool = True) -> None:
+        """Stop taking requests and stop the worker. Graceful: answer everything queued or
+        running first; otherwise fail it with UNAVAILABLE at once."""
         self._closed = True
-        while self._pending:
-            await asyncio.sleep(0.005)
+        if not graceful:
+            while self._pending:
+                item = self._pending.popleft()
+                self._queued_images -= len(item.images)
+                if not item.future.done():
+                    item.future.set_exception(Unavailable(f"{self._name}: shutting down"))
+            if self._worker is not None:
+                self._worker.cancel()
+        self._arrived.set()
         if self._worker is not None:
-            self._worker.cancel()
             await asyncio.gather(self._worker, return_exceptions=True)
 
     async def submit(self, images: np.ndarray, deadline: float | None = None) -> Outputs:
@@ -153,6 +160,8 @@ class Batcher:
     async def _loop(self) -> None:
         while True:
             if not self._pending:
+                if self._closed:
+                    return  # closed and nothing left: every caller has its answer
                 self._arrived.clear()
                 await self._arrived.wait()
                 continue
@@ -218,8 +227,13 @@ class Batcher:
         compute_s = 0.0
         try:
             outputs, compute_s = await loop.run_in_executor(self._executor, self._timed, images)
-        except Exception as exc:  # answer every caller; the batcher itself must survive
+        except BaseException as exc:  # answer every caller; the batcher itself must survive
             ok = False
+            if isinstance(exc, asyncio.CancelledError):  # the worker is being cancelled
+                for item in batch:
+                    if not item.future.done():
+                        item.future.set_exception(Unavailable(f"{self._name}: shutting down"))
+                raise
             if not isinstance(exc, ServingError):
                 log.exception("%s: inference failed for a batch of %d", self._name, len(images))
                 exc = ServingError(f"{self._name}: inference failed")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -30,6 +31,7 @@ from service.errors import (
     ModelNotFound,
     ServingError,
     Unavailable,
+    shorten,
 )
 from service.metrics import Metrics
 from service.predictions import DEFAULT_TOP_K, Prediction, failed, from_outputs
@@ -102,6 +104,7 @@ class Engine:
         self._listeners: list[Callable[[str, bool], None]] = []
         self.ready = False
         self.draining = False
+        self._stopping = threading.Event()  # tells a warm-up in the loader thread to give up
 
     # ---- lifecycle
 
@@ -119,12 +122,13 @@ class Engine:
 
     async def stop(self) -> None:
         self.ready = False
+        self._stopping.set()
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
         for versions in self._models.values():
-            for model in versions.values():
-                await model.batcher.close()
+            for model in versions.values():  # after the drain: whatever is left is cut
+                await model.batcher.close(graceful=False)
         for pool in (self._compute, self._decode, self._loader):
             pool.shutdown(wait=False, cancel_futures=True)
 
@@ -133,8 +137,8 @@ class Engine:
             await asyncio.sleep(self.config.poll_interval_s)
             try:
                 await self.refresh()
-            except ConfigError:
-                raise
+            except ConfigError as exc:  # e.g. the repository is briefly missing
+                log.error("repository scan: %s; retrying in %ss", exc, self.config.poll_interval_s)
             except Exception:  # a scan must never kill the poller
                 log.exception(
                     "repository scan failed; retrying in %ss", self.config.poll_interval_s
@@ -145,6 +149,8 @@ class Engine:
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._loader, repository.scan, self.config.repository)
         for name, versions in found.items():
+            if name not in self._models:
+                self._notify(name, False)  # known, not (yet) serving: health NOT_SERVING
             for version in versions:
                 if version not in self._models.get(name, {}):
                     await self._load(name, version)
@@ -184,7 +190,7 @@ class Engine:
         session = self.runtime.session(spec)
         started = time.monotonic()
         try:
-            session.warm_up(self.config.max_batch_size)
+            session.warm_up(self.config.max_batch_size, self._stopping)
         except Exception as exc:
             raise ModelLoadError(
                 f"model {name!r} version {version}: warm-up failed: {exc}"
@@ -244,10 +250,10 @@ class Engine:
         """The requested version, or the newest one; raises ModelNotFound."""
         versions = self._models.get(name)
         if not versions and not self.ready:
-            raise Unavailable(f"model {name!r}: the server is still loading its models")
+            raise Unavailable(f"model {shorten(name)!r}: the server is still loading its models")
         if not versions:
             known = ", ".join(self.names()) or "none"
-            raise ModelNotFound(f"model {name!r} is not loaded (loaded models: {known})")
+            raise ModelNotFound(f"model {shorten(name)!r} is not loaded (loaded models: {known})")
         if version is None or version == 0:
             return versions[max(versions)]
         if version not in versions:
@@ -297,9 +303,20 @@ class Engine:
     ) -> Outputs:
         """(N, H, W, C) uint8 -> outputs, through the version's batcher."""
         imaging.check_tensor(batch, model.spec.image_shape)
-        if len(batch) == 0:
-            raise InvalidInput(f"{model.where}: the request holds no images")
+        self.check_count(model, len(batch))
         return await model.batcher.submit(batch, deadline)
+
+    def check_count(self, model: LoadedModel, count: int) -> None:
+        """A request must hold 1 to --max-queue-size images (more could never be queued);
+        checked before any decoding."""
+        limit = self.config.max_queue_size
+        if count == 0:
+            raise InvalidInput(f"{model.where}: the request holds no images")
+        if count > limit:
+            raise InvalidInput(
+                f"{model.where}: {count:,} images in one request; at most {limit:,} "
+                "(--max-queue-size): split the request"
+            )
 
     async def classify(
         self,
@@ -311,8 +328,7 @@ class Engine:
     ) -> list[Prediction]:
         """One Prediction per input, in order; a bad image gets its own error, the rest are
         answered."""
-        if not inputs:
-            raise InvalidInput(f"{model.where}: the request holds no images")
+        self.check_count(model, len(inputs))
         spec = model.spec
         ids = list(ids) + [""] * (len(inputs) - len(ids))
         decoded = await self.decode(model, inputs)

@@ -60,3 +60,8 @@ class ModelLoadError(ServingError):
     """A model directory that cannot be served (bad metadata, unreadable ONNX, failed warm-up)."""
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+def shorten(text: str, limit: int = 100) -> str:
+    """A client-supplied name as it may appear in a message (gRPC trailers are small)."""
+    return text if len(text) <= limit else text[:limit] + "..."

@@ -5,7 +5,9 @@ The policy, applied the same way by the server, the in-process CLI and directory
    multi-page file, the first frame.
 2. The pixel count is checked from the header, before any pixel is decoded: more than
    `max_pixels` is rejected (a decompression bomb costs nothing).
-3. EXIF orientation is applied (a photo taken sideways is classified upright).
+3. EXIF orientation is applied (a photo taken sideways is classified upright). An image more
+   than 4x the model's size is first box-reduced by an integer factor (JPEGs are decoded at a
+   reduced scale), which keeps huge files cheap and changes nothing visible at the model's size.
 4. Modes: 16- and 32-bit integer images are scaled to 8 bits by their range (65535 -> 255);
    float images are taken as 0-1 when their maximum is at most 1, else as 0-255; an alpha
    channel (RGBA, LA, palette transparency) is composited onto black, the background of
@@ -26,6 +28,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from service.errors import InvalidInput
 
+# The formats we open; others (EPS runs Ghostscript, rare decoders are fragile) are refused.
+FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 _WIDE_INT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 
 
@@ -36,7 +40,7 @@ def decode(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndar
     # Our own limit, checked from the header below, replaces Pillow's global one.
     Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(io.BytesIO(data)) as opened:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as opened:
             width, height = opened.size
             if width * height > max_pixels:
                 raise InvalidInput(
@@ -44,16 +48,40 @@ def decode(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndar
                     f"--max-image-pixels {max_pixels:,}"
                 )
             opened.seek(0)  # first frame of animations and multi-page files
-            image = ImageOps.exif_transpose(opened)
+            if opened.format == "JPEG":  # decode big JPEGs at a fraction of their size
+                opened.draft(None, (shape[1] * 2, shape[0] * 2))
+            image = _shrink(ImageOps.exif_transpose(opened), shape)
             image = _to_channels(image, shape[2])
             if image.size != (shape[1], shape[0]):
                 image = image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
             array = np.asarray(image, dtype=np.uint8)
+    except InvalidInput:
+        raise
     except UnidentifiedImageError as exc:
-        raise InvalidInput(f"not a readable image ({len(data):,} bytes)") from exc
-    except (OSError, ValueError, SyntaxError, EOFError) as exc:
-        raise InvalidInput(f"corrupt or truncated image: {exc}") from exc
+        raise InvalidInput(
+            f"not a readable image ({len(data):,} bytes; formats: {', '.join(FORMATS)})"
+        ) from exc
+    except Exception as exc:  # Pillow's decoders raise many types on hostile data
+        raise InvalidInput(f"corrupt or truncated image: {exc or type(exc).__name__}") from exc
     return array.reshape(shape)
+
+
+def _shrink(image: Image.Image, shape: tuple[int, int, int]) -> Image.Image:
+    """Box-reduce an image far larger than the model's input before any mode conversion, so
+    converting a huge 16-bit or RGBA file costs memory at about twice the model's size."""
+    factor = min(image.width // shape[1], image.height // shape[0]) // 2
+    if factor < 2:
+        return image
+    if image.mode in _WIDE_INT_MODES:  # reduce() does not take 16-bit: block means in numpy
+        pixels = np.asarray(image)
+        h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
+        blocks = pixels[:h, :w].reshape(h // factor, factor, w // factor, factor)
+        means = blocks.mean(axis=(1, 3), dtype=np.float32)
+        return Image.fromarray(np.rint(means).astype(np.int32), mode="I")
+    try:
+        return image.reduce(factor)
+    except (ValueError, NotImplementedError):  # a mode reduce() does not handle
+        return image
 
 
 def _to_channels(image: Image.Image, channels: int) -> Image.Image:
@@ -75,11 +103,11 @@ def _to_channels(image: Image.Image, channels: int) -> Image.Image:
 
 def _to_8bit(image: Image.Image) -> Image.Image:
     if image.mode in _WIDE_INT_MODES:
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image, dtype=np.float32)
         scaled = pixels * (255.0 / _WIDE_INT_MODES[image.mode])
         return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
     if image.mode == "F":
-        pixels = np.asarray(image, dtype=np.float64)
+        pixels = np.asarray(image, dtype=np.float32)
         scale = 255.0 if pixels.size and np.nanmax(pixels) <= 1.0 else 1.0
         scaled = np.nan_to_num(pixels * scale)
         return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")

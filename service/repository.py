@@ -8,7 +8,9 @@ folders) and non-numeric folders are ignored, so a half-written version is never
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +18,9 @@ from typing import Any
 from service.errors import ConfigError, ModelLoadError
 
 OUTPUT_NAMES = ("probabilities", "bottleneck")
+VERSION = re.compile(r"[1-9][0-9]{0,17}")  # ASCII only: "\u00b2".isdigit() is True
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -45,18 +50,29 @@ class ModelSpec:
         return (self.name, self.version)
 
 
+def parse_version(text: str) -> int | None:
+    """A version folder's (or a request's) number: ASCII digits, no leading zero; else None."""
+    return int(text) if VERSION.fullmatch(text) else None
+
+
 def scan(repository: Path) -> dict[str, list[int]]:
-    """{model name: ascending versions} for every REPO/NAME/VERSION folder present."""
+    """{model name: ascending versions} for every REPO/NAME/VERSION folder present. An
+    unreadable model folder is logged and skipped."""
     if not repository.is_dir():
         raise ConfigError(f"--repository {repository} is not a directory")
     found: dict[str, list[int]] = {}
     for model_dir in sorted(repository.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
+        try:
+            entries = list(os.scandir(model_dir))
+        except OSError as exc:
+            log.error("skipping %s: %s", model_dir, exc.strerror)
+            continue
         versions = sorted(
-            int(entry.name)
-            for entry in os.scandir(model_dir)
-            if entry.is_dir() and entry.name.isdigit() and int(entry.name) > 0
+            version
+            for entry in entries
+            if (version := parse_version(entry.name)) is not None and entry.is_dir()
         )
         if versions:
             found[model_dir.name] = versions

@@ -110,10 +110,16 @@ class Session:
         binding.clear_binding_outputs()
         return dict(zip(OUTPUT_NAMES, values, strict=True))
 
-    def warm_up(self, max_batch_size: int) -> None:
+    def warm_up(self, max_batch_size: int, stop: threading.Event | None = None) -> None:
         """Run every batch size 1..max_batch_size once, so no request pays for a first run
-        (allocations, CUDA kernel selection) at a size the batcher forms."""
+        (allocations, CUDA kernel selection) at a size the batcher forms. `stop` set: give up
+        (ModelLoadError) at the next size."""
         for size in range(1, max_batch_size + 1):
+            if stop is not None and stop.is_set():
+                raise ModelLoadError(
+                    f"model {self.spec.name!r} version {self.spec.version}: "
+                    "warm-up interrupted by shutdown"
+                )
             self.run(np.zeros((size, *self.spec.image_shape), dtype=np.uint8))
 
 

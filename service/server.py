@@ -23,6 +23,7 @@ from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from service.config import ServeConfig
 from service.engine import Engine
+from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
 from service.servicers.calls import Calls
 from service.servicers.classifier import ClassifierServicer
@@ -57,13 +58,15 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
 
 def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
-    message = "missing or wrong bearer token (send metadata 'authorization: Bearer <token>')"
+    error = Unauthenticated(
+        "missing or wrong bearer token (send metadata 'authorization: Bearer <token>')"
+    )
 
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(error.code, str(error))
 
     async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await context.abort(error.code, str(error))
         yield  # pragma: no cover - makes this an async generator
 
     if handler is None:
@@ -82,10 +85,12 @@ def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
 
 
 def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message limits, the same on both ends."""
+    """Message limits (the client uses the same), and no SO_REUSEPORT: a second server on a
+    busy port must fail, not silently share its traffic."""
     return [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
     ]
 
 
@@ -100,6 +105,7 @@ class Server:
         self.metrics_port = -1
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         """Bind, load the repository (health NOT_SERVING until done), then report ready."""
@@ -124,15 +130,24 @@ class Server:
         reflection.enable_server_reflection(services, server)
         address = f"{config.host}:{config.grpc_port}"
         tls = config.tls_credentials()
-        if tls:
-            credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
-            self.grpc_port = server.add_secure_port(address, credentials)
-        else:
-            self.grpc_port = server.add_insecure_port(address)
+        try:
+            if tls:
+                credentials = grpc.ssl_server_credentials([(tls[1], tls[0])])
+                self.grpc_port = server.add_secure_port(address, credentials)
+            else:
+                self.grpc_port = server.add_insecure_port(address)
+        except RuntimeError as exc:
+            raise ConfigError(f"cannot listen on {address} (gRPC): {exc}") from exc
         await self.health.set("", NOT_SERVING)
         self.engine.on_model_change(self._model_health)
         if config.metrics_port >= 0:
-            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"cannot listen on {config.host}:{config.metrics_port} (metrics): "
+                    f"{exc.strerror}"
+                ) from exc
         await server.start()
         log.info(
             "gRPC listening on %s:%d%s; metrics on :%d/metrics",
@@ -147,7 +162,9 @@ class Server:
 
     def _model_health(self, name: str, serving: bool) -> None:
         status = SERVING if serving and not self.engine.draining else NOT_SERVING
-        asyncio.get_running_loop().create_task(self.health.set(name, status))
+        task = asyncio.get_running_loop().create_task(self.health.set(name, status))
+        self._tasks.add(task)  # keep a reference until it ran
+        task.add_done_callback(self._tasks.discard)
 
     def _log_ready(self) -> None:
         served = []
@@ -196,11 +213,18 @@ async def serve(config: ServeConfig) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    starting = asyncio.ensure_future(server.start())
+    stopping = asyncio.ensure_future(stop.wait())
     try:
-        await server.start()
-    except BaseException:
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        if starting.done():
+            starting.result()  # a startup error (bad port, --device cuda without CUDA) raises
+            await stopping
+        else:  # a signal while models load: stop loading, exit cleanly
+            log.info("signal received while loading; stopping")
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        log.info("signal received")
+    finally:
+        stopping.cancel()
         await server.drain()
-        raise
-    await stop.wait()
-    log.info("signal received")
-    await server.drain()

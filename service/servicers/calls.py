@@ -109,8 +109,9 @@ def _status(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.Statu
     return grpc.StatusCode.INTERNAL
 
 
-def unary(api: str) -> Callable[..., Any]:
-    """Decorate a unary handler `(self, request, context, call)` with the shared behaviour."""
+def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
+    """Decorate a unary handler `(self, request, context, call)` with the shared behaviour.
+    `while_draining`: keep answering during a drain (liveness and readiness probes)."""
 
     def wrap(handler: Callable[..., Awaitable[Resp]]) -> Callable[..., Awaitable[Resp]]:
         @functools.wraps(handler)
@@ -118,6 +119,8 @@ def unary(api: str) -> Callable[..., Any]:
             calls: Calls = self.calls
             call = Call(api, handler.__name__, started=time.monotonic())
             code = grpc.StatusCode.OK
+            if while_draining:
+                return await handler(self, request, context, call)
             try:
                 calls.enter()
             except ServingError as exc:
@@ -142,7 +145,9 @@ def unary(api: str) -> Callable[..., Any]:
 
 
 def stream(api: str) -> Callable[..., Any]:
-    """Decorate a streaming handler (an async generator over `(self, requests, context)`)."""
+    """Decorate a streaming handler (an async generator over `(self, requests, context)`).
+    A stream is not itself "in flight" (an idle stream must not hold up a drain); each message
+    is, through `Calls.enter`/`leave` in the handler."""
 
     def wrap(handler: Callable[..., AsyncIterator[Resp]]) -> Callable[..., AsyncIterator[Resp]]:
         @functools.wraps(handler)
@@ -151,10 +156,11 @@ def stream(api: str) -> Callable[..., Any]:
         ) -> AsyncIterator[Resp]:
             calls: Calls = self.calls
             call = Call(api, handler.__name__, started=time.monotonic())
-            try:
-                calls.enter()
-            except ServingError as exc:
-                await context.abort(exc.code, str(exc))
+            if calls.engine.draining:
+                await context.abort(
+                    grpc.StatusCode.UNAVAILABLE,
+                    "server is shutting down (draining); retry on another replica",
+                )
             try:
                 async for response in handler(self, requests, context):
                     yield response
@@ -162,12 +168,15 @@ def stream(api: str) -> Callable[..., Any]:
                 if isinstance(exc, asyncio.CancelledError | GeneratorExit):
                     raise
                 await abort(context, exc, call)
-            finally:
-                calls.leave()
 
         return method
 
     return wrap
+
+
+def status(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status an exception stands for (a cancelled call: DEADLINE_EXCEEDED or CANCELLED)."""
+    return _status(exc, context)
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -13,10 +13,10 @@ import grpc
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.engine import ImageInput, LoadedModel
-from service.errors import InvalidInput
+from service.errors import InvalidInput, ServingError, shorten
 from service.images import tensor_from_bytes
 from service.predictions import Prediction
-from service.servicers.calls import Call, Calls, deadline, stream, unary
+from service.servicers.calls import Call, Calls, deadline, status, stream, unary
 
 API = "classifier.v1"
 STREAM_WINDOW = 16  # requests of one stream computed concurrently; answers stay in order
@@ -67,10 +67,10 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def _classify(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> pb.ClassifyResponse:
-        call.set_model(request.model, request.version or "")
         model = self.engine.model(request.model, request.version or None)
         call.set_model(request.model, model.spec.version, model.stats)
         call.images = len(request.images)
+        self.engine.check_count(model, call.images)
         predictions = await self.engine.classify(
             model,
             decode_images(request, model),
@@ -118,14 +118,22 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def _one(
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ClassifyResponse:
+        """One message of a stream: its own error in the response, so the stream goes on;
+        only a drain (UNAVAILABLE) ends the stream."""
         call = Call(API, "ClassifyStream", started=time.monotonic())
+        self.calls.enter()
         code = grpc.StatusCode.OK
         try:
             return await self._classify(request, context, call)
+        except ServingError as exc:
+            code = exc.code
+            failed = pb.Error(code=exc.code.name, message=str(exc))
+            return pb.ClassifyResponse(model=shorten(request.model), error=failed)
         except BaseException as exc:
-            code = getattr(exc, "code", grpc.StatusCode.INTERNAL)
+            code = status(exc, context)
             raise
         finally:
+            self.calls.leave()
             self.calls.record(call, code)
 
     @unary(API)
@@ -140,7 +148,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
 
     @unary(API)
     async def GetModel(self, request, context, call):  # type: ignore[no-untyped-def]
-        call.set_model(request.name, request.version or "")
         model = self.engine.model(request.name, request.version or None)
         spec = model.spec
         call.set_model(spec.name, spec.version)

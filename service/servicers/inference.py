@@ -24,20 +24,20 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.engine = calls.engine
 
     def _model(self, name: str, version: str, call: Call) -> LoadedModel:
-        call.set_model(name, version)
+        # Labels only once resolved: a client must not grow the metrics with made-up names.
         model = self.engine.model(name, v2_codec.parse_version(name, version))
         call.set_model(name, model.spec.version, model.stats)
         return model
 
-    @unary(API)
+    @unary(API, while_draining=True)
     async def ServerLive(self, request, context, call):  # type: ignore[no-untyped-def]
         return pb.ServerLiveResponse(live=True)
 
-    @unary(API)
+    @unary(API, while_draining=True)
     async def ServerReady(self, request, context, call):  # type: ignore[no-untyped-def]
         return pb.ServerReadyResponse(ready=self.engine.ready and not self.engine.draining)
 
-    @unary(API)
+    @unary(API, while_draining=True)
     async def ModelReady(self, request, context, call):  # type: ignore[no-untyped-def]
         try:
             self._model(request.name, request.version, call)
@@ -86,6 +86,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelInfer(self, request, context, call):  # type: ignore[no-untyped-def]
         model = self._model(request.model_name, request.model_version, call)
         names = v2_codec.requested_outputs(request, model.spec)
+        if request.inputs and request.inputs[0].shape:  # before converting any data
+            self.engine.check_count(model, request.inputs[0].shape[0])
         images = v2_codec.decode_input(request, model.spec)
         call.images = len(images)
         if isinstance(images, list):  # encoded files: all must decode (V2 has no per-image error)

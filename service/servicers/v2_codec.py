@@ -12,8 +12,9 @@ import struct
 
 import numpy as np
 
+from service import repository
 from service._proto.inference import grpc_predict_v2_pb2 as pb
-from service.errors import InvalidInput, ModelNotFound
+from service.errors import InvalidInput, ModelNotFound, shorten
 from service.repository import OUTPUT_NAMES, ModelSpec
 
 PLATFORM = "onnxruntime_onnx"
@@ -23,9 +24,12 @@ def parse_version(name: str, text: str) -> int | None:
     """V2 versions are strings: "" means the newest, otherwise a positive integer."""
     if not text:
         return None
-    if not text.isdigit() or int(text) <= 0:
-        raise ModelNotFound(f"model {name!r} has no version {text!r} (versions are integers)")
-    return int(text)
+    version = repository.parse_version(text)
+    if version is None:
+        raise ModelNotFound(
+            f"model {shorten(name)!r} has no version {shorten(text)!r} (versions are integers)"
+        )
+    return version
 
 
 def decode_input(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray | list[bytes]:
@@ -38,7 +42,7 @@ def decode_input(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray |
     tensor = request.inputs[0]
     if tensor.name != spec.input_name:
         raise InvalidInput(
-            f"{where}: unknown input {tensor.name!r}; the input is {spec.input_name!r}"
+            f"{where}: unknown input {shorten(tensor.name)!r}; the input is {spec.input_name!r}"
         )
     raw = None
     if request.raw_input_contents:
@@ -124,11 +128,19 @@ def pack_bytes(items: list[bytes]) -> bytes:
 
 def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
     names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
+    where = f"model {spec.name!r} version {spec.version}"
+    if len(set(names)) != len(names):
+        raise InvalidInput(f"{where}: an output is requested twice: {names}")
+    if any(output.parameters for output in request.outputs):
+        raise InvalidInput(
+            f"{where}: output parameters (e.g. class_count) are not supported; "
+            "every output comes whole"
+        )
     unknown = [name for name in names if name not in OUTPUT_NAMES]
     if unknown:
         raise InvalidInput(
             f"model {spec.name!r} version {spec.version}: unknown output "
-            f"{unknown[0]!r}; outputs are {', '.join(OUTPUT_NAMES)}"
+            f"{shorten(unknown[0])!r}; outputs are {', '.join(OUTPUT_NAMES)}"
         )
     return names
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.batcher import Batcher, BatchReport, merge, split
-from service.errors import DeadlineExceeded, QueueFull
+from service.errors import DeadlineExceeded, QueueFull, Unavailable
 
 
 def images(n: int, value: int = 0) -> np.ndarray:
@@ -136,5 +136,44 @@ def test_a_failing_model_fails_its_callers_not_the_batcher() -> None:
         assert (await batcher.submit(images(1, 1)))["out"].tolist() == [[8]]
         assert [r.ok for r in reports] == [False, True]
         await batcher.close()
+
+    asyncio.run(scenario())
+
+
+def test_close_answers_the_running_batch_before_stopping() -> None:
+    gate = Gate()
+
+    async def scenario() -> None:
+        batcher, _ = make(gate, max_batch=2, delay_s=0.0)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(images(2, 1)))
+        await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 5)
+        closing = asyncio.ensure_future(batcher.close())
+        await asyncio.sleep(0.01)
+        assert not closing.done()  # waits for the batch in flight
+        gate.release.set()
+        assert (await running)["out"].tolist() == [[8], [8]]
+        await closing
+        with pytest.raises(Exception, match="being unloaded"):
+            await batcher.submit(images(1))
+
+    asyncio.run(scenario())
+
+
+def test_hard_close_fails_what_is_queued() -> None:
+    gate = Gate()
+
+    async def scenario() -> None:
+        batcher, _ = make(gate, max_batch=1, delay_s=0.0)
+        batcher.start()
+        running = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 5)
+        queued = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.sleep(0)
+        await batcher.close(graceful=False)
+        gate.release.set()
+        for future in (running, queued):
+            with pytest.raises(Unavailable, match="shutting down"):
+                await future
 
     asyncio.run(scenario())

@@ -137,3 +137,8 @@ def test_raw_tensors_are_checked() -> None:
         tensor_from_bytes(b"\x00" * 700, GRAY, GRAY)
     with pytest.raises(InvalidInput, match="must have shape"):
         tensor_from_bytes(b"\x00" * 784, (28, 28, 3), GRAY)
+
+
+def test_only_the_listed_formats_are_opened() -> None:
+    with pytest.raises(InvalidInput, match="formats: PNG, JPEG, WEBP, BMP, TIFF, GIF"):
+        decode(encoded(Image.fromarray(gradient()), "PCX"), GRAY, LIMIT)

@@ -65,6 +65,8 @@ def test_device_auto_says_it_runs_on_the_cpu(repository: Path, caplog) -> None:
 def test_scan_ignores_staging_and_non_numeric_folders(private_repo: Path) -> None:
     (private_repo / MODEL / ".2.partial-123").mkdir()
     (private_repo / MODEL / "latest").mkdir()
+    (private_repo / MODEL / "\u00b3").mkdir()  # "³".isdigit() is True; int("³") fails
+    (private_repo / MODEL / "01").mkdir()
     (private_repo / ".hidden" / "1").mkdir(parents=True)
     assert scan(private_repo) == {MODEL: [1]}
 

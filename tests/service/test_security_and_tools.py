@@ -89,10 +89,14 @@ def test_classify_stream_answers_in_order(server: Served, repository: Path, samp
         for i in range(12):
             yield pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=png(x[i]), id=str(i))])
         yield pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=b"junk", id="bad")])
+        yield pb.ClassifyRequest(model="nope", images=[pb.Image(encoded=b"x")])  # its own error
+        yield pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=png(x[0]), id="after")])
 
     with grpc.insecure_channel(server.target) as channel:
         answers = list(pb_grpc.ClassifierStub(channel).ClassifyStream(requests(), timeout=60))
-    assert [a.results[0].id for a in answers] == [*map(str, range(12)), "bad"]
+    assert [a.results[0].id for a in answers if a.results] == [*map(str, range(12)), "bad",
+                                                               "after"]  # fmt: skip
+    assert answers[13].error.code == "NOT_FOUND" and "'nope'" in answers[13].error.message
     for i, answer in enumerate(answers[:12]):
         np.testing.assert_allclose(answer.results[0].probabilities, want["probabilities"][i],
                                    atol=1e-6)  # fmt: skip

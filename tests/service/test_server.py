@@ -99,6 +99,11 @@ def v2_request(images: np.ndarray, **fields) -> v2.ModelInferRequest:
         (lambda r: r.outputs.add(name="logits"), "INVALID_ARGUMENT", "unknown output 'logits'"),
         (lambda r: setattr(r, "model_version", "7"), "NOT_FOUND", "has no version 7"),
         (lambda r: setattr(r, "model_version", "latest"), "NOT_FOUND", "no version 'latest'"),
+        (lambda r: setattr(r, "model_version", "\u00b2"), "NOT_FOUND", "versions are integers"),
+        (lambda r: r.outputs.add(name="bottleneck") and r.outputs.add(name="bottleneck"),
+         "INVALID_ARGUMENT", "an output is requested twice"),
+        (lambda r: r.outputs.add(name="probabilities").parameters["class_count"].int64_param
+         .__class__, "INVALID_ARGUMENT", "output parameters"),
         (lambda r: r.raw_input_contents.__setitem__(0, b"\x00" * 10), "INVALID_ARGUMENT",
          "needs 784 bytes, raw_input_contents has 10"),
     ],
@@ -190,7 +195,7 @@ def test_256_concurrent_requests_are_batched_and_answered_right(
 
 def test_metrics_are_exported_with_their_labels(server: Served, sample_images):
     x, _ = sample_images
-    missing = {"model": "nope", "api": "classifier.v1", "code": "NOT_FOUND"}
+    missing = {"model": "", "api": "classifier.v1", "code": "NOT_FOUND"}  # never a made-up name
     family = "cnn_serving_requests"
     before = sample(scrape(server), family, "cnn_serving_requests_total", **missing)
     with Client(server.target) as client:
@@ -252,13 +257,28 @@ def test_deadline_exceeded_while_queued(repository: Path, sample_images):
 
 
 def test_queue_overflow_is_resource_exhausted(repository: Path, sample_images):
-    served = start_server(repository, "--max-queue-size", "4", "--max-batch-size", "2")
+    served = start_server(repository, "--max-queue-size", "4", "--max-batch-size", "1")
     x, _ = sample_images
+    image = pb.Image(tensor=pb.Tensor(height=28, width=28, channels=1, data=x[0].tobytes()))
+
+    async def burst() -> list:
+        async with grpc.aio.insecure_channel(served.target) as channel:
+            stub = pb_grpc.ClassifierStub(channel)
+            request = pb.ClassifyRequest(model=MODEL, images=[image] * 4)
+            calls = [stub.Classify(request, timeout=60) for _ in range(20)]
+            return await asyncio.gather(*calls, return_exceptions=True)
+
     try:
+        answers = asyncio.run(burst())
+        refused = [a for a in answers if isinstance(a, grpc.aio.AioRpcError)]
+        assert refused and len(refused) < 20  # some were queued and answered, some refused
+        for error in refused:
+            assert error.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "queue full" in error.details() and "--max-queue-size 4" in error.details()
         with Client(served.target) as client, pytest.raises(ClientError) as caught:
-            client.classify([x[0]] * 5, MODEL)
-        assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
-        assert "queue full" in caught.value.message and "--max-queue-size 4" in caught.value.message
+            client.classify([x[0]] * 5, MODEL)  # could never fit: the client's mistake
+        assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+        assert "5 images in one request; at most 4 (--max-queue-size)" in caught.value.message
     finally:
         assert served.stop() == 0
 
@@ -351,6 +371,9 @@ def test_sigterm_drains_requests_in_flight(repository: Path, sample_images):
             for service in ("", MODEL):
                 check = health_pb2.HealthCheckRequest(service=service)
                 late.append((await health.Check(check, timeout=10)).status)
+            v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+            late.append((await v2_stub.ServerLive(v2.ServerLiveRequest(), timeout=10)).live)
+            late.append((await v2_stub.ServerReady(v2.ServerReadyRequest(), timeout=10)).ready)
             return await asyncio.gather(*inflight), late
 
     try:
@@ -362,5 +385,5 @@ def test_sigterm_drains_requests_in_flight(repository: Path, sample_images):
             served.process.wait()
     assert all(len(a.results) == 3000 and not a.results[0].HasField("error") for a in answers)
     not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    assert late == [grpc.StatusCode.UNAVAILABLE, not_serving, not_serving]
+    assert late == [grpc.StatusCode.UNAVAILABLE, not_serving, not_serving, True, False]
     assert int(served.log.wait_for(r"draining: (\d+) RPCs in flight", 1).group(1)) >= 1

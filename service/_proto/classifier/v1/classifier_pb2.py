@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-service/_proto/classifier/v1/classifier.proto\x12\rclassifier.v1\"G\n\x06Tensor\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Y\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.classifier.v1.TensorH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\x08\n\x06source\"f\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06images\x18\x03 \x03(\x0b\x32\x14.classifier.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"9\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xed\x01\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x13\n\x0blabel_index\x18\x04 \x01(\r\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12(\n\x05top_k\x18\x06 \x03(\x0b\x32\x19.classifier.v1.ClassScore\x12\x15\n\rprobabilities\x18\x07 \x03(\x02\x12\x14\n\x0c\x62ottleneck_x\x18\x08 \x01(\x02\x12\x14\n\x0c\x62ottleneck_y\x18\t \x01(\x02\x12#\n\x05\x65rror\x18\n \x01(\x0b\x32\x14.classifier.v1.Error\"Z\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x07results\x18\x03 \x03(\x0b\x32\x15.classifier.v1.Result\"\x13\n\x11ListModelsRequest\"G\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.classifier.v1.ModelSummary\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"i\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x10\n\x08\x63hannels\x18\x06 \x01(\r\"\xb0\x01\n\x10GetModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\'\n\x05input\x18\x05 \x01(\x0b\x32\x18.classifier.v1.InputSpec\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t2\xd8\x02\n\nClassifier\x12M\n\x08\x43lassify\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse\"\x00\x12W\n\x0e\x43lassifyStream\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse\"\x00(\x01\x30\x01\x12S\n\nListModels\x12 .classifier.v1.ListModelsRequest\x1a!.classifier.v1.ListModelsResponse\"\x00\x12M\n\x08GetModel\x12\x1e.classifier.v1.GetModelRequest\x1a\x1f.classifier.v1.GetModelResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n-service/_proto/classifier/v1/classifier.proto\x12\rclassifier.v1\"G\n\x06Tensor\x12\x0e\n\x06height\x18\x01 \x01(\r\x12\r\n\x05width\x18\x02 \x01(\r\x12\x10\n\x08\x63hannels\x18\x03 \x01(\r\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"Y\n\x05Image\x12\x11\n\x07\x65ncoded\x18\x01 \x01(\x0cH\x00\x12\'\n\x06tensor\x18\x02 \x01(\x0b\x32\x15.classifier.v1.TensorH\x00\x12\n\n\x02id\x18\x03 \x01(\tB\x08\n\x06source\"f\n\x0f\x43lassifyRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12$\n\x06images\x18\x03 \x03(\x0b\x32\x14.classifier.v1.Image\x12\r\n\x05top_k\x18\x04 \x01(\r\"9\n\nClassScore\x12\r\n\x05label\x18\x01 \x01(\t\x12\r\n\x05index\x18\x02 \x01(\r\x12\r\n\x05score\x18\x03 \x01(\x02\"&\n\x05\x45rror\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"\xed\x01\n\x06Result\x12\r\n\x05index\x18\x01 \x01(\r\x12\n\n\x02id\x18\x02 \x01(\t\x12\r\n\x05label\x18\x03 \x01(\t\x12\x13\n\x0blabel_index\x18\x04 \x01(\r\x12\x12\n\nconfidence\x18\x05 \x01(\x02\x12(\n\x05top_k\x18\x06 \x03(\x0b\x32\x19.classifier.v1.ClassScore\x12\x15\n\rprobabilities\x18\x07 \x03(\x02\x12\x14\n\x0c\x62ottleneck_x\x18\x08 \x01(\x02\x12\x14\n\x0c\x62ottleneck_y\x18\t \x01(\x02\x12#\n\x05\x65rror\x18\n \x01(\x0b\x32\x14.classifier.v1.Error\"\x7f\n\x10\x43lassifyResponse\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12&\n\x07results\x18\x03 \x03(\x0b\x32\x15.classifier.v1.Result\x12#\n\x05\x65rror\x18\x04 \x01(\x0b\x32\x14.classifier.v1.Error\"\x13\n\x11ListModelsRequest\"G\n\x0cModelSummary\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x10\n\x08versions\x18\x02 \x03(\x03\x12\x17\n\x0f\x64\x65\x66\x61ult_version\x18\x03 \x01(\x03\"A\n\x12ListModelsResponse\x12+\n\x06models\x18\x01 \x03(\x0b\x32\x1b.classifier.v1.ModelSummary\"0\n\x0fGetModelRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\"i\n\tInputSpec\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x64type\x18\x02 \x01(\t\x12\x0e\n\x06layout\x18\x03 \x01(\t\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\r\n\x05width\x18\x05 \x01(\r\x12\x10\n\x08\x63hannels\x18\x06 \x01(\r\"\xb0\x01\n\x10GetModelResponse\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x03\x12\x10\n\x08versions\x18\x03 \x03(\x03\x12\x0e\n\x06labels\x18\x04 \x03(\t\x12\'\n\x05input\x18\x05 \x01(\x0b\x32\x18.classifier.v1.InputSpec\x12\x1b\n\x13\x65xecution_providers\x18\x06 \x03(\t\x12\x15\n\rmetadata_json\x18\x07 \x01(\t2\xd8\x02\n\nClassifier\x12M\n\x08\x43lassify\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse\"\x00\x12W\n\x0e\x43lassifyStream\x12\x1e.classifier.v1.ClassifyRequest\x1a\x1f.classifier.v1.ClassifyResponse\"\x00(\x01\x30\x01\x12S\n\nListModels\x12 .classifier.v1.ListModelsRequest\x1a!.classifier.v1.ListModelsResponse\"\x00\x12M\n\x08GetModel\x12\x1e.classifier.v1.GetModelRequest\x1a\x1f.classifier.v1.GetModelResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -44,19 +44,19 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RESULT']._serialized_start=432
   _globals['_RESULT']._serialized_end=669
   _globals['_CLASSIFYRESPONSE']._serialized_start=671
-  _globals['_CLASSIFYRESPONSE']._serialized_end=761
-  _globals['_LISTMODELSREQUEST']._serialized_start=763
-  _globals['_LISTMODELSREQUEST']._serialized_end=782
-  _globals['_MODELSUMMARY']._serialized_start=784
-  _globals['_MODELSUMMARY']._serialized_end=855
-  _globals['_LISTMODELSRESPONSE']._serialized_start=857
-  _globals['_LISTMODELSRESPONSE']._serialized_end=922
-  _globals['_GETMODELREQUEST']._serialized_start=924
-  _globals['_GETMODELREQUEST']._serialized_end=972
-  _globals['_INPUTSPEC']._serialized_start=974
-  _globals['_INPUTSPEC']._serialized_end=1079
-  _globals['_GETMODELRESPONSE']._serialized_start=1082
-  _globals['_GETMODELRESPONSE']._serialized_end=1258
-  _globals['_CLASSIFIER']._serialized_start=1261
-  _globals['_CLASSIFIER']._serialized_end=1605
+  _globals['_CLASSIFYRESPONSE']._serialized_end=798
+  _globals['_LISTMODELSREQUEST']._serialized_start=800
+  _globals['_LISTMODELSREQUEST']._serialized_end=819
+  _globals['_MODELSUMMARY']._serialized_start=821
+  _globals['_MODELSUMMARY']._serialized_end=892
+  _globals['_LISTMODELSRESPONSE']._serialized_start=894
+  _globals['_LISTMODELSRESPONSE']._serialized_end=959
+  _globals['_GETMODELREQUEST']._serialized_start=961
+  _globals['_GETMODELREQUEST']._serialized_end=1009
+  _globals['_INPUTSPEC']._serialized_start=1011
+  _globals['_INPUTSPEC']._serialized_end=1116
+  _globals['_GETMODELRESPONSE']._serialized_start=1119
+  _globals['_GETMODELRESPONSE']._serialized_end=1295
+  _globals['_CLASSIFIER']._serialized_start=1298
+  _globals['_CLASSIFIER']._serialized_end=1642
 # @@protoc_insertion_point(module_scope)
