@@ -74,9 +74,13 @@ class Batcher:
         max_queue_images: int,
         report: Callable[[BatchReport], None] | None = None,
         name: str = "",
+        inline_up_to: int = 0,
     ) -> None:
         self._run = run
         self._executor = executor
+        # Batches of up to `inline_up_to` images run on the event loop thread: when a run takes
+        # well under a millisecond, the hand-off to a thread costs more than the run itself.
+        self.inline_up_to = inline_up_to
         self.max_batch_size = max_batch_size
         self._max_delay_s = max_delay_s
         self._max_queue = max_queue_images
@@ -226,7 +230,10 @@ class Batcher:
         ok = True
         compute_s = 0.0
         try:
-            outputs, compute_s = await loop.run_in_executor(self._executor, self._timed, images)
+            if len(images) <= self.inline_up_to:
+                outputs, compute_s = self._timed(images)
+            else:
+                outputs, compute_s = await loop.run_in_executor(self._executor, self._timed, images)
         except BaseException as exc:  # answer every caller; the batcher itself must survive
             ok = False
             if isinstance(exc, asyncio.CancelledError):  # the worker is being cancelled

@@ -112,7 +112,8 @@ class Client:
     ) -> list[Prediction]:
         """One Prediction per image, in order. An image is an encoded file (bytes, or a Path
         to read) or raw (H, W, C) uint8 pixels. A bad image comes back with `error_code` set;
-        a failure of the whole call (unknown model, unreachable server) raises ClientError."""
+        a failure of the whole call (unknown model, unreachable server) raises ClientError;
+        an unreadable Path raises OSError and a malformed array ValueError, before any call."""
         request = pb.ClassifyRequest(
             model=model, version=version, top_k=top_k, images=[_image(item) for item in images]
         )

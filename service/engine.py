@@ -40,6 +40,9 @@ from service.runtime import Runtime, Session
 
 log = logging.getLogger(__name__)
 
+# Batches the CPU computes in less than this (by the warm-up timing) run on the event loop
+# thread: a hand-off to a thread costs more than such a run (measured with bench/serve.py).
+INLINE_BELOW_S = 0.001
 ImageInput = bytes | np.ndarray  # encoded file, or raw (H, W, C) uint8 pixels
 
 
@@ -181,7 +184,16 @@ class Engine:
         self.metrics.queue_depth.labels(*labels).set_function(lambda: model.batcher.depth)
         device = "cuda" if session.on_cuda else "cpu"
         self.metrics.provider.labels(*labels, session.provider, device).set(1)
-        log.info("loaded model %r version %d on %s", name, version, ", ".join(session.providers))
+        log.info(
+            "loaded model %r version %d on %s (batch of %d: %.1f ms; batches up to %d run on "
+            "the event loop)",
+            name,
+            version,
+            ", ".join(session.providers),
+            self.config.max_batch_size,
+            session.max_batch_s * 1000,
+            model.batcher.inline_up_to,
+        )
         if first:
             self._notify(name, True)
 
@@ -197,6 +209,14 @@ class Engine:
             ) from exc
         log.debug("warmed up %r v%d in %.2fs", name, version, time.monotonic() - started)
         return spec, session
+
+    def _inline_up_to(self, session: Session) -> int:
+        """The largest batch that runs on the event loop: what the CPU computes in about
+        INLINE_BELOW_S, by the warm-up's timing (never on CUDA: its runs wait on the device)."""
+        if session.on_cuda:
+            return 0
+        per_image_s = session.max_batch_s / self.config.max_batch_size
+        return int(INLINE_BELOW_S / per_image_s) if per_image_s > 0 else 0
 
     def _batcher(self, spec: ModelSpec, session: Session, stats: Stats) -> Batcher:
         labels = (spec.name, str(spec.version))
@@ -219,6 +239,7 @@ class Engine:
             self.config.max_queue_size,
             report,
             name=f"model {spec.name!r} version {spec.version}",
+            inline_up_to=self._inline_up_to(session),
         )
 
     async def _unload(self, name: str, version: int) -> None:

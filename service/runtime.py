@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -60,6 +61,7 @@ class Session:
         use_binding = self.on_cuda if io_binding is None else io_binding
         self._device = "cuda" if self.on_cuda else "cpu"
         self._binding = threading.local() if use_binding else None
+        self.max_batch_s = float("inf")  # seconds for the largest batch, measured by warm_up
 
     @property
     def provider(self) -> str:
@@ -121,6 +123,13 @@ class Session:
                     "warm-up interrupted by shutdown"
                 )
             self.run(np.zeros((size, *self.spec.image_shape), dtype=np.uint8))
+        largest = np.zeros((max_batch_size, *self.spec.image_shape), dtype=np.uint8)
+        timings = []
+        for _ in range(3):
+            started = time.perf_counter()
+            self.run(largest)
+            timings.append(time.perf_counter() - started)
+        self.max_batch_s = sorted(timings)[1]
 
 
 class Runtime:

@@ -177,3 +177,24 @@ def test_hard_close_fails_what_is_queued() -> None:
                 await future
 
     asyncio.run(scenario())
+
+
+def test_small_batches_can_run_on_the_loop_with_the_same_answers() -> None:
+    threads = []
+
+    def model(batch: np.ndarray) -> dict[str, np.ndarray]:
+        threads.append(threading.current_thread() is threading.main_thread())
+        return doubling(batch)
+
+    async def scenario() -> list[bool]:
+        reports: list[BatchReport] = []
+        pool = ThreadPoolExecutor(1)
+        batcher = Batcher(model, pool, 4, 0.0, 64, reports.append, "t", inline_up_to=2)
+        batcher.start()
+        small = await batcher.submit(images(2, 1))
+        big = await batcher.submit(images(4, 1))
+        assert small["out"].tolist() == [[8]] * 2 and big["out"].tolist() == [[8]] * 4
+        await batcher.close()
+        return threads
+
+    assert asyncio.run(scenario()) == [True, False]  # 2 images inline, 4 in the pool
