@@ -231,6 +231,7 @@ class Batcher:
         compute_s = 0.0
         try:
             if len(images) <= self.inline_up_to:
+                await asyncio.sleep(0)  # let the loop serve I/O between batches: never starve it
                 outputs, compute_s = self._timed(images)
             else:
                 outputs, compute_s = await loop.run_in_executor(self._executor, self._timed, images)
