@@ -12,7 +12,9 @@ send time, so a stalled client cannot hide queueing). Each runs a 1 s warm-up, n
 
 Ceilings, measured in the same run: compute is in-process onnxruntime on the same model.onnx at
 the mean batch size the server formed; transport is a bare grpc.aio server that answers every
-ModelInfer with a pre-built response of the same size, driven by the same client code.
+ModelInfer with a pre-built response of the same size, driven by the same client code. The CPU
+columns are each server process's CPU time (all threads, from /proc) per image: unlike images/s
+they hardly move when the shared machine speeds up or slows down.
 
 Without --repository, models are trained for 1 epoch on the committed sample
 tests/data/fashion-mnist and exported to build/bench-models (reused when present): their accuracy
@@ -72,7 +74,8 @@ WARMUP_S = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 HEAD = (
     "scenario | clients | images/s | p50 ms | p95 ms | p99 ms | mean batch | transport ceiling "
-    "img/s | compute ceiling img/s | ratio vs transport | ratio vs compute"
+    "img/s | compute ceiling img/s | ratio vs transport | ratio vs compute | server CPU ms/img "
+    "| transport CPU ms/img"
 )
 OPTIONS = (  # flag, default (shown by --help), type, help
     ("--repository", None, Path, "model repository; none: build/bench-models, made on first use"),
@@ -121,6 +124,8 @@ class Row:
     compute: float | None = None  # images/s of onnxruntime at round(mean_batch)
     batch_ms: float | None = None  # one onnxruntime run at round(mean_batch)
     client_cpu: float = 0.0  # CPU seconds per second of the client process (it shares the box)
+    server_cpu_ms: float | None = None  # server process CPU per image (ms), from /proc
+    transport_cpu_ms: float | None = None  # the same for the bare gRPC server
 
 
 # ----------------------------------------------------------------------------- client process
@@ -370,22 +375,28 @@ def bench_model(
 ) -> dict:
     pixels = load_pixels(spec)
 
-    def measure(target: str, metrics: int | None, scenario: str, rate: float = 0.0) -> Row:
+    def measure(
+        target: str, metrics: int | None, scenario: str, rate: float = 0.0, pid: int = 0
+    ) -> Row:
         clients, batch = CLOSED.get(scenario, (0, 1))
         load = Load(
             target, spec.name, spec.input_name, clients, batch, rate, args.duration_s, metrics
         )
         log.info("%s %s on %s", spec.name, scenario, target)
         label = f"{rate:.0f}/s" if rate else str(clients)
-        return row_from(scenario, label, load, pool.submit(client_run, load, pixels).result())
+        before = process_cpu_s(pid)
+        row = row_from(scenario, label, load, pool.submit(client_run, load, pixels).result())
+        row.server_cpu_ms = cpu_per_image_ms(process_cpu_s(pid) - before, row, args.duration_s)
+        return row
 
     closed = [s for s in CLOSED if s in args.scenarios]
     server = ModelServer(repo, spec, args)
     try:
-        rows = [measure(server.target, server.metrics_port, s) for s in closed]
+        pid = server.process.pid
+        rows = [measure(server.target, server.metrics_port, s, pid=pid) for s in closed]
         single = [r.images_per_s for r in rows if CLOSED[r.scenario][1] == 1]
         if OPEN in args.scenarios and single:
-            rows.append(measure(server.target, server.metrics_port, OPEN, max(single) / 2))
+            rows.append(measure(server.target, server.metrics_port, OPEN, max(single) / 2, pid=pid))
     finally:
         server.stop()
     session = make_session(spec, args)
@@ -398,7 +409,9 @@ def bench_model(
     if key not in cache:
         cache[key] = transport_ceilings(len(spec.labels), closed, measure)
     for row in rows:
-        row.transport = cache[key].get(row.scenario)
+        if row.scenario in cache[key]:
+            ceiling = cache[key][row.scenario]
+            row.transport, row.transport_cpu_ms = ceiling.images_per_s, ceiling.server_cpu_ms
     training = spec.metadata.get("training", {})
     title = f"{spec.name} v{spec.version}: family {spec.metadata.get('family')}, arch "
     title += f"{spec.metadata.get('arch')}, {training.get('parameters', '?'):,} parameters"
@@ -413,9 +426,24 @@ def bench_model(
     }
 
 
+def process_cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process (all its threads) from /proc; 0 without one."""
+    if not pid:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def cpu_per_image_ms(cpu_s: float, row: Row, duration_s: float) -> float | None:
+    """Server CPU per image over warm-up + measured window (the same load throughout). Unlike
+    images/s this barely moves when a shared machine gets slower or faster."""
+    images = row.images_per_s * (duration_s + WARMUP_S)
+    return cpu_s / images * 1000 if images and cpu_s else None
+
+
 def transport_ceilings(
     classes: int, scenarios: list[str], measure: Callable[..., Row]
-) -> dict[str, float]:
+) -> dict[str, Row]:
     """images/s of the bare gRPC server (its own process) for each closed-loop scenario."""
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
@@ -423,7 +451,7 @@ def transport_ceilings(
     process.start()
     try:
         target = f"127.0.0.1:{receive.recv()}"
-        return {s: measure(target, None, s).images_per_s for s in scenarios}
+        return {s: measure(target, None, s, pid=process.pid or 0) for s in scenarios}
     finally:
         process.terminate()
         process.join()
@@ -448,6 +476,7 @@ def table(name: str, rows: list[Row]) -> str:
         cells += [_num(v, 2) for v in (r.p50_ms, r.p95_ms, r.p99_ms, r.mean_batch)]
         cells += [_num(v) for v in (r.transport, r.compute)]
         cells += [_ratio(r.images_per_s, v) for v in (r.transport, r.compute)]
+        cells += [_num(v, 3) for v in (r.server_cpu_ms, r.transport_cpu_ms)]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
