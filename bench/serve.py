@@ -53,8 +53,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from service import repository
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
+from service.config import channel_options
 from service.repository import ModelSpec
-from service.server import channel_options
 from training.data import read_idx
 
 log = logging.getLogger("bench.serve")

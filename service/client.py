@@ -23,7 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from service.config import MiB
+from service.config import MiB, channel_options
 from service.predictions import ClassScore, Prediction
 
 DEFAULT_TIMEOUT_S = 30.0
@@ -67,10 +67,7 @@ class Client:
         timeout_s: float | None = DEFAULT_TIMEOUT_S,
         max_message_bytes: int = 64 * MiB,
     ) -> None:
-        options = [
-            ("grpc.max_receive_message_length", max_message_bytes),
-            ("grpc.max_send_message_length", max_message_bytes),
-        ]
+        options = channel_options(max_message_bytes)
         if tls:
             credentials = grpc.ssl_channel_credentials(root_certificates)
             self._channel = grpc.secure_channel(target, credentials, options=options)

@@ -78,3 +78,14 @@ class ServeConfig:
             return self.tls_cert.read_bytes(), self.tls_key.read_bytes()
         except OSError as exc:
             raise ConfigError(f"TLS: {exc.filename}: {exc.strerror}") from exc
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
+    """gRPC options for the server and our client alike: the same message limit both ways, and
+    no SO_REUSEPORT (a second server on a busy port must fail, not silently share its traffic;
+    a client ignores the option)."""
+    return [
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]

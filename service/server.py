@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from service.config import ServeConfig
+from service.config import ServeConfig, channel_options
 from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
@@ -82,16 +82,6 @@ def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     if handler.response_streaming:
         return grpc.unary_stream_rpc_method_handler(deny_stream, **kwargs)
     return grpc.unary_unary_rpc_method_handler(deny, **kwargs)
-
-
-def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
-    """Message limits (the client uses the same), and no SO_REUSEPORT: a second server on a
-    busy port must fail, not silently share its traffic."""
-    return [
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 0),
-    ]
 
 
 class Server:
