@@ -49,6 +49,9 @@ def _add(parser: argparse._ActionsContainer, flag: str, help: str, **kwargs: Any
             _env_error(f"{env}={value!r}: choose from {', '.join(kwargs['choices'])}")
         kwargs["default"] = value  # argparse converts a string with `type`
         kwargs["required"] = False
+    if "metavar" not in kwargs and kwargs.get("type") in (int, float):
+        unit = next((u for u in ("ms", "s", "bytes", "pixels") if flag.endswith("-" + u)), "n")
+        kwargs["metavar"] = unit.upper()
     shown = " (default: %(default)s)" if kwargs.get("default") is not None else ""
     parser.add_argument(flag, help=f"{help}{shown} [env {env}]", **kwargs)
 
@@ -188,13 +191,15 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
         description="Classify image files with a running server (--server) or "
         "in this process (--repository); prints a table or JSON.",
     )
-    where = p.add_mutually_exclusive_group(required=True)
-    where.add_argument("--server", metavar="HOST:PORT", help="a running cnn-serving server")
-    where.add_argument(
+    from_env = any(f"{ENV_PREFIX}{n}" in os.environ for n in ("SERVER", "REPOSITORY"))
+    where = p.add_mutually_exclusive_group(required=not from_env)
+    _add(where, "--server", "a running cnn-serving server", metavar="HOST:PORT")
+    _add(
+        where,
         "--repository",
+        "run the model in this process instead (onnxruntime, no server)",
         metavar="DIR",
         type=Path,
-        help="run the model in this process instead (onnxruntime, no server)",
     )
     _add(p, "--model", "model name", required=True)
     _add(p, "--version", "model version; 0: the newest", type=int, default=0)
