@@ -99,7 +99,8 @@ async def abort(context: grpc.aio.ServicerContext, exc: BaseException, call: Cal
     await context.abort(grpc.StatusCode.INTERNAL, f"{call.method}: internal error (see server log)")
 
 
-def _status(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+def status(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
+    """The status an exception stands for (a cancelled call: DEADLINE_EXCEEDED or CANCELLED)."""
     if isinstance(exc, ServingError):
         return exc.code
     if isinstance(exc, asyncio.CancelledError):
@@ -130,7 +131,7 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
             try:
                 return await handler(self, request, context, call)
             except BaseException as exc:
-                code = _status(exc, context)
+                code = status(exc, context)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
                 await abort(context, exc, call)
@@ -172,11 +173,6 @@ def stream(api: str) -> Callable[..., Any]:
         return method
 
     return wrap
-
-
-def status(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status an exception stands for (a cancelled call: DEADLINE_EXCEEDED or CANCELLED)."""
-    return _status(exc, context)
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -127,7 +127,9 @@ def pack_bytes(items: list[bytes]) -> bytes:
 
 
 def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
-    names = [output.name for output in request.outputs] or list(OUTPUT_NAMES)
+    if not request.outputs:  # the common case: every output
+        return list(OUTPUT_NAMES)
+    names = [output.name for output in request.outputs]
     where = f"model {spec.name!r} version {spec.version}"
     if len(set(names)) != len(names):
         raise InvalidInput(f"{where}: an output is requested twice: {names}")
