@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import Histogram
 
 from service import images as imaging
 from service import repository
@@ -84,7 +85,7 @@ class LoadedModel:
     session: Session
     batcher: Batcher
     stats: Stats
-    signature: tuple[int, ...]
+    decode_seconds: Histogram  # this version's series of cnn_serving_decode_duration_seconds
 
     @property
     def where(self) -> str:
@@ -175,7 +176,9 @@ class Engine:
             return
         self._failed.pop((name, version), None)
         stats = Stats()
-        model = LoadedModel(spec, session, self._batcher(spec, session, stats), stats, signature)
+        decode_seconds = self.metrics.decode_duration.labels(name, str(version))
+        batcher = self._batcher(spec, session, stats)
+        model = LoadedModel(spec, session, batcher, stats, decode_seconds)
         model.batcher.start()
         first = not self._models.get(name)
         self._models.setdefault(name, {})[version] = model
@@ -312,9 +315,7 @@ class Engine:
             if isinstance(item, np.ndarray):
                 return imaging.check_tensor(item, shape)
             array = imaging.decode(item, shape, self.config.max_image_pixels)
-            self.metrics.decode_duration.labels(model.spec.name, str(model.spec.version)).observe(
-                time.monotonic() - started
-            )
+            model.decode_seconds.observe(time.monotonic() - started)
             return array
         except InvalidInput as exc:
             return InvalidInput(f"{model.where}, image {index}: {exc}")

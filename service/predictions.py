@@ -3,8 +3,7 @@ gRPC client or a scoring job."""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,9 +36,6 @@ class Prediction:
     @property
     def ok(self) -> bool:
         return not self.error_code
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 def from_outputs(

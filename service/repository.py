@@ -45,10 +45,6 @@ class ModelSpec:
     def image_shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, self.channels)
 
-    @property
-    def key(self) -> tuple[str, int]:
-        return (self.name, self.version)
-
 
 def parse_version(text: str) -> int | None:
     """A version folder's (or a request's) number: ASCII digits, no leading zero; else None."""
