@@ -18,7 +18,7 @@ DEMO_PORT   ?= 18001
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade "pip>=24,<27"
-	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev]"
+	$(BIN)/python -m pip install --quiet -e ".[train,serve,dev,ray]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -4,6 +4,7 @@
     python -m service classify --server localhost:8001 --model fashion shoe.png bag.jpg
     python -m service classify --repository models --model fashion --json shoe.png
     python -m service health --server localhost:8001
+    python -m service score photos/ --model fashion --repository models --out scores.parquet
 
 Every option can also be set with an environment variable CNN_SERVING_<OPTION> (for example
 CNN_SERVING_MAX_BATCH_SIZE=32); a command-line option wins over the variable.
@@ -22,38 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from service.cli import ENV_PREFIX, add_option, connection_options, make_client
 from service.config import DEVICES, MiB, ServeConfig
 from service.errors import ServingError
 from service.predictions import Prediction
+from service.scoring import cli as scoring_cli
 
-ENV_PREFIX = "CNN_SERVING_"
-TRUE, FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
 CHUNK = 64  # images per Classify request sent by the CLI
-
-
-def _env_error(message: str) -> None:
-    print(f"error: {message}", file=sys.stderr)
-    raise SystemExit(2)
-
-
-def _add(parser: argparse._ActionsContainer, flag: str, help: str, **kwargs: Any) -> None:
-    """An option whose default may come from CNN_SERVING_<NAME>; the help says both."""
-    env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
-    value = os.environ.get(env)
-    if value is not None:
-        if kwargs.get("action") == "store_true":
-            if value.lower() not in TRUE + FALSE:
-                _env_error(f"{env}={value!r}: use one of {', '.join(TRUE + FALSE[:-1])}")
-            value = value.lower() in TRUE  # type: ignore[assignment]
-        elif "choices" in kwargs and value not in kwargs["choices"]:
-            _env_error(f"{env}={value!r}: choose from {', '.join(kwargs['choices'])}")
-        kwargs["default"] = value  # argparse converts a string with `type`
-        kwargs["required"] = False
-    if "metavar" not in kwargs and kwargs.get("type") in (int, float):
-        unit = next((u for u in ("ms", "s", "bytes", "pixels") if flag.endswith("-" + u)), "n")
-        kwargs["metavar"] = unit.upper()
-    shown = " (default: %(default)s)" if kwargs.get("default") is not None else ""
-    parser.add_argument(flag, help=f"{help}{shown} [env {env}]", **kwargs)
 
 
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
@@ -63,7 +39,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         description="Serve every model in a repository over gRPC (the Open "
         "Inference Protocol and classifier.v1), with /metrics for Prometheus.",
     )
-    _add(
+    add_option(
         p,
         "--repository",
         "model repository: REPO/NAME/VERSION/{model.onnx,metadata.json}",
@@ -71,16 +47,16 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         required="CNN_SERVING_REPOSITORY" not in os.environ,
     )
-    _add(p, "--host", "address to bind both ports on", default="0.0.0.0")
-    _add(p, "--grpc-port", "gRPC port; 0 picks a free one (logged)", type=int, default=8001)
-    _add(
+    add_option(p, "--host", "address to bind both ports on", default="0.0.0.0")
+    add_option(p, "--grpc-port", "gRPC port; 0 picks a free one (logged)", type=int, default=8001)
+    add_option(
         p,
         "--metrics-port",
         "Prometheus /metrics port; 0 picks a free one, -1 turns it off",
         type=int,
         default=8002,
     )
-    _add(
+    add_option(
         p,
         "--device",
         "auto: CUDA when it really loads, else CPU (logged and exported); "
@@ -88,8 +64,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         choices=DEVICES,
         default="auto",
     )
-    _add(p, "--max-batch-size", "most images merged into one inference", type=int, default=64)
-    _add(
+    add_option(p, "--max-batch-size", "most images merged into one inference", type=int, default=64)
+    add_option(
         p,
         "--max-queue-delay-ms",
         "longest wait, in milliseconds, for more requests to join "
@@ -97,28 +73,28 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=float,
         default=2.0,
     )
-    _add(
+    add_option(
         p,
         "--max-queue-size",
         "most images waiting per model version; more is refused with RESOURCE_EXHAUSTED",
         type=int,
         default=1024,
     )
-    _add(
+    add_option(
         p,
         "--intra-op-threads",
         "onnxruntime threads per inference; 0: one per core",
         type=int,
         default=0,
     )
-    _add(
+    add_option(
         p,
         "--poll-interval-s",
         "seconds between repository scans for new or removed versions; 0: scan once at start",
         type=float,
         default=5.0,
     )
-    _add(
+    add_option(
         p,
         "--max-image-pixels",
         "largest encoded image, in pixels (width x height), checked "
@@ -126,29 +102,29 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=50_000_000,
     )
-    _add(
+    add_option(
         p,
         "--max-message-bytes",
         "largest gRPC message either way, in bytes; larger is RESOURCE_EXHAUSTED",
         type=int,
         default=64 * MiB,
     )
-    _add(
+    add_option(
         p,
         "--drain-timeout-s",
         "on SIGTERM/SIGINT, seconds to let in-flight requests finish",
         type=float,
         default=30.0,
     )
-    _add(
+    add_option(
         p,
         "--tls-cert",
         "PEM certificate chain: serve TLS (needs --tls-key)",
         type=Path,
         metavar="FILE",
     )
-    _add(p, "--tls-key", "PEM private key for --tls-cert", type=Path, metavar="FILE")
-    _add(
+    add_option(p, "--tls-key", "PEM private key for --tls-cert", type=Path, metavar="FILE")
+    add_option(
         p,
         "--auth-token-file",
         "require 'authorization: Bearer <token>' on every RPC but "
@@ -156,32 +132,13 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="FILE",
     )
-    _add(
+    add_option(
         p,
         "--log-level",
         "logging threshold",
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     )
-
-
-def _connection_options(p: argparse.ArgumentParser) -> None:
-    _add(p, "--tls", "connect with TLS", action="store_true")
-    _add(
-        p,
-        "--tls-ca",
-        "PEM file of the CA to trust with --tls; default: the system's roots",
-        type=Path,
-        metavar="FILE",
-    )
-    _add(
-        p,
-        "--auth-token-file",
-        "send this file's content as the bearer token",
-        type=Path,
-        metavar="FILE",
-    )
-    _add(p, "--timeout-s", "deadline of each call, in seconds", type=float, default=30.0)
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
@@ -193,21 +150,25 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     )
     from_env = any(f"{ENV_PREFIX}{n}" in os.environ for n in ("SERVER", "REPOSITORY"))
     where = p.add_mutually_exclusive_group(required=not from_env)
-    _add(where, "--server", "a running cnn-serving server", metavar="HOST:PORT")
-    _add(
+    add_option(where, "--server", "a running cnn-serving server", metavar="HOST:PORT")
+    add_option(
         where,
         "--repository",
         "run the model in this process instead (onnxruntime, no server)",
         metavar="DIR",
         type=Path,
     )
-    _add(p, "--model", "model name", required=True)
-    _add(p, "--version", "model version; 0: the newest", type=int, default=0)
-    _add(p, "--top-k", "classes listed per image", type=int, default=3)
-    _add(p, "--json", "print JSON (one object per image) instead of a table", action="store_true")
-    _add(p, "--device", "with --repository: as for serve", choices=DEVICES, default="auto")
-    _add(p, "--max-image-pixels", "with --repository: as for serve", type=int, default=50_000_000)
-    _connection_options(p)
+    add_option(p, "--model", "model name", required=True)
+    add_option(p, "--version", "model version; 0: the newest", type=int, default=0)
+    add_option(p, "--top-k", "classes listed per image", type=int, default=3)
+    add_option(
+        p, "--json", "print JSON (one object per image) instead of a table", action="store_true"
+    )
+    add_option(p, "--device", "with --repository: as for serve", choices=DEVICES, default="auto")
+    add_option(
+        p, "--max-image-pixels", "with --repository: as for serve", type=int, default=50_000_000
+    )
+    connection_options(p)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")
 
 
@@ -218,16 +179,16 @@ def _health_parser(sub: argparse._SubParsersAction) -> None:
         description="Ask the gRPC health service; prints the status; exit 0 "
         "when SERVING, 1 otherwise (for container health checks).",
     )
-    _add(p, "--server", "HOST:PORT of the server", default="localhost:8001")
-    _add(p, "--model", "a model name instead of the whole server", default="")
-    _add(
+    add_option(p, "--server", "HOST:PORT of the server", default="localhost:8001")
+    add_option(p, "--model", "a model name instead of the whole server", default="")
+    add_option(
         p,
         "--wait-s",
         "wait up to this many seconds for SERVING; 0: ask once",
         type=float,
         default=0.0,
     )
-    _connection_options(p)
+    connection_options(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,31 +201,13 @@ def build_parser() -> argparse.ArgumentParser:
     _serve_parser(sub)
     _classify_parser(sub)
     _health_parser(sub)
+    scoring_cli.add_parser(sub)
     return parser
 
 
 def serve_config(args: argparse.Namespace) -> ServeConfig:
     names = [f for f in ServeConfig.__dataclass_fields__ if hasattr(args, f)]
     return ServeConfig(**{name: getattr(args, name) for name in names})
-
-
-def _token(args: argparse.Namespace) -> str | None:
-    if args.auth_token_file is None:
-        return None
-    return ServeConfig(Path("."), auth_token_file=args.auth_token_file).auth_token()
-
-
-def _client(args: argparse.Namespace, server: str) -> Any:
-    from service.client import Client  # noqa: PLC0415 - only the client commands need it
-
-    ca = args.tls_ca.read_bytes() if args.tls_ca else None
-    return Client(
-        server,
-        token=_token(args),
-        tls=args.tls or ca is not None,
-        root_certificates=ca,
-        timeout_s=args.timeout_s,
-    )
 
 
 def run_serve(args: argparse.Namespace) -> int:
@@ -287,7 +230,7 @@ def run_classify(args: argparse.Namespace) -> int:
         except OSError as exc:
             raise ServingError(f"{path}: {exc.strerror}") from exc
     if args.server:
-        with _client(args, args.server) as client:
+        with make_client(args, args.server) as client:
             predictions = []
             for start in range(0, len(images), CHUNK):
                 answers = client.classify(
@@ -366,7 +309,7 @@ def _as_table(predictions: list[Prediction]) -> str:
 
 
 def run_health(args: argparse.Namespace) -> int:
-    with _client(args, args.server) as client:
+    with make_client(args, args.server) as client:
         if args.wait_s > 0:
             client.wait_ready(args.wait_s, args.model)
         status = client.health(args.model)
@@ -376,7 +319,12 @@ def run_health(args: argparse.Namespace) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    commands = {"serve": run_serve, "classify": run_classify, "health": run_health}
+    commands = {
+        "serve": run_serve,
+        "classify": run_classify,
+        "health": run_health,
+        "score": scoring_cli.run,
+    }
     try:
         return commands[args.command](args)
     except ServingError as exc:

@@ -89,3 +89,54 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+
+
+ENGINES = ("local", "remote", "ray")
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """A directory scoring job (`python -m service score`). The engine: `local` needs
+    `repository`, `remote` needs `server` (connection settings go to the Client), `ray` needs
+    `repository` and joins `ray_address` (None: a local Ray)."""
+
+    directory: Path
+    model: str
+    out: Path
+    engine: str = "local"
+    version: int = 0  # 0: the newest
+    repository: Path | None = None
+    server: str | None = None
+    ray_address: str | None = None
+    batch_size: int = 64
+    workers: int = 0  # 0: one per core (local, ray), 4 requests in flight (remote)
+    recursive: bool = True
+    limit: int = 0  # 0: every file; N: the first N image files of the walk
+    overwrite: bool = False
+    device: str = "auto"
+    max_image_pixels: int = 50_000_000
+    max_message_bytes: int = 64 * MiB
+    chunk_rows: int = 1000  # rows per chunk written while the job runs
+    chunk_interval_s: float = 10.0  # ... or a chunk at least this often
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.engine in ENGINES, f"--engine must be one of {', '.join(ENGINES)}"),
+            (self.version >= 0, "--version must be >= 0 (0: the newest)"),
+            (
+                self.engine == "remote" or self.repository is not None,
+                f"--engine {self.engine} needs --repository",
+            ),
+            (self.engine != "remote" or bool(self.server), "--engine remote needs --server"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.workers >= 0, "--workers must be >= 0 (0: automatic)"),
+            (self.limit >= 0, "--limit must be >= 0 (0: every file)"),
+            (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
+            (self.max_message_bytes >= 1024 * 1024, "--max-message-bytes must be at least 1 MiB"),
+            (self.chunk_rows >= 1 and self.chunk_interval_s > 0, "chunks must be positive"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)

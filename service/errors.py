@@ -62,6 +62,13 @@ class ModelLoadError(ServingError):
     code = grpc.StatusCode.FAILED_PRECONDITION
 
 
+class ScoringError(ServingError):
+    """A directory scoring job cannot go on: its output belongs to another job, the server
+    stays unreachable, an optional engine is not installed. Rows written so far are kept."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
 def shorten(text: str, limit: int = 100) -> str:
     """A client-supplied name as it may appear in a message (gRPC trailers are small)."""
     return text if len(text) <= limit else text[:limit] + "..."

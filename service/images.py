@@ -22,6 +22,8 @@ Raw tensors must already be uint8 at the model's (H, W, C); they are checked, no
 from __future__ import annotations
 
 import io
+import os
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -33,14 +35,17 @@ FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 _WIDE_INT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
 
 
-def decode(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
-    """Decode one encoded image to `shape` = (H, W, C) uint8; raises InvalidInput."""
-    if not data:
+def decode(data: bytes | BinaryIO, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
+    """Decode one encoded image (its bytes, or an open binary file, read from its start: only
+    the header before the pixel check) to `shape` = (H, W, C) uint8; raises InvalidInput."""
+    size = len(data) if isinstance(data, bytes) else os.fstat(data.fileno()).st_size
+    if not size:
         raise InvalidInput("empty image (0 bytes)")
     # Our own limit, checked from the header below, replaces Pillow's global one.
     Image.MAX_IMAGE_PIXELS = None
     try:
-        with Image.open(io.BytesIO(data), formats=FORMATS) as opened:
+        source = io.BytesIO(data) if isinstance(data, bytes) else data
+        with Image.open(source, formats=FORMATS) as opened:
             width, height = opened.size
             if width * height > max_pixels:
                 raise InvalidInput(
@@ -59,7 +64,7 @@ def decode(data: bytes, shape: tuple[int, int, int], max_pixels: int) -> np.ndar
         raise
     except UnidentifiedImageError as exc:
         raise InvalidInput(
-            f"not a readable image ({len(data):,} bytes; formats: {', '.join(FORMATS)})"
+            f"not a readable image ({size:,} bytes; formats: {', '.join(FORMATS)})"
         ) from exc
     except Exception as exc:  # Pillow's decoders raise many types on hostile data
         raise InvalidInput(f"corrupt or truncated image: {exc or type(exc).__name__}") from exc

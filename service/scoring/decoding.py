@@ -1,0 +1,62 @@
+"""Files -> pixels for scoring jobs: the service's decoding policy (service/images.py) applied to
+files, one batch per call. Runs in worker processes (local engine) and Ray tasks, so it imports
+nothing heavier than Pillow and numpy."""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from service.errors import InvalidInput
+from service.images import decode
+
+SMALL_FILE_BYTES = 1 << 20  # read at once; larger files are decoded from the open file, so a
+# huge file or a pixel bomb costs its header, not its size
+
+
+@dataclass(frozen=True)
+class Decoded:
+    pixels: np.ndarray  # (N, H, W, C) uint8, the files that decoded
+    good: list[int]  # their positions in the batch
+    errors: dict[int, str]  # position -> short reason, the files that did not
+
+
+def decode_files(paths: Sequence[str], shape: tuple[int, int, int], max_pixels: int) -> Decoded:
+    arrays: list[np.ndarray] = []
+    good: list[int] = []
+    errors: dict[int, str] = {}
+    for position, path in enumerate(paths):
+        try:
+            arrays.append(decode_file(path, shape, max_pixels))
+            good.append(position)
+        except InvalidInput as exc:
+            errors[position] = str(exc)
+        except OSError as exc:
+            errors[position] = read_error(exc)
+    pixels = np.stack(arrays) if arrays else np.empty((0, *shape), dtype=np.uint8)
+    return Decoded(pixels, good, errors)
+
+
+def decode_file(path: str, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
+    check_regular(path)
+    with open(path, "rb") as file:
+        size = file.seek(0, 2)
+        file.seek(0)
+        if size <= SMALL_FILE_BYTES:
+            return decode(file.read(), shape, max_pixels)
+        return decode(file, shape, max_pixels)
+
+
+def check_regular(path: str) -> None:
+    """A FIFO or a device named like an image would block or never end: refuse it unread."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise InvalidInput("not a regular file")
+
+
+def read_error(exc: OSError) -> str:
+    """The reason a file could not be read, without the path (the row already names it)."""
+    return f"cannot read the file: {exc.strerror or type(exc).__name__}"

@@ -1,0 +1,296 @@
+"""Scoring engines: lists of files in, `Result`s out (scores or a reason per file), batch by batch.
+
+- `LocalEngine`: onnxruntime in this process; worker processes decode the next batches while
+  the current one is inferred.
+- `RemoteEngine`: our classifier.v1 API on a running server, several requests in flight,
+  retrying while the server is unavailable or its queue is full.
+- `RayEngine` (service/scoring/ray_engine.py): Ray Data across a cluster.
+
+Every engine answers with the same decoding policy and the same model, so the rows they produce
+are the same.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import re
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from typing import Protocol, TypeVar
+
+import grpc
+import numpy as np
+
+from service.client import Client, ClientError
+from service.errors import InvalidInput, ScoringError
+from service.predictions import Prediction, failed
+from service.repository import ModelSpec
+from service.runtime import Runtime, Session
+from service.scoring.decoding import Decoded, check_regular, decode_files, read_error
+from service.scoring.files import Item
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+
+@dataclass
+class Result:
+    """One batch's answers: the files scored (in the arrays' order) and the files that failed."""
+
+    keys: list[str] = field(default_factory=list)
+    probabilities: np.ndarray = field(default_factory=lambda: np.empty((0, 0), np.float32))
+    bottleneck: np.ndarray = field(default_factory=lambda: np.empty((0, 2), np.float32))
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (key, short reason)
+
+    def __len__(self) -> int:
+        return len(self.keys) + len(self.errors)
+
+
+class Engine(Protocol):
+    kind: str
+    model: str
+    version: int
+    labels: tuple[str, ...]
+    device: str  # where the model runs: an execution provider, or the server's address
+
+    def score(self, items: Sequence[Item]) -> Iterator[Result]: ...
+
+    def close(self) -> None: ...
+
+
+def batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def in_order(
+    submit: Callable[[Sequence[Item]], Future[T]], items: Sequence[Item], size: int, ahead: int
+) -> Iterator[tuple[Sequence[Item], Future[T]]]:
+    """Submit batches of `items`, keeping `ahead` in flight, and hand them back in order."""
+    pending: deque[tuple[Sequence[Item], Future[T]]] = deque()
+    for batch in batches(items, size):
+        pending.append((batch, submit(batch)))
+        if len(pending) >= ahead:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+def scored(batch: Sequence[Item], decoded: Decoded, session: Session) -> Result:
+    """Infer the files of `batch` that decoded."""
+    result = Result(errors=[(batch[i].key, reason) for i, reason in decoded.errors.items()])
+    result.keys = [batch[i].key for i in decoded.good]
+    if decoded.good:
+        outputs = session.run(decoded.pixels)
+        result.probabilities = outputs["probabilities"]
+        result.bottleneck = outputs["bottleneck"]
+    return result
+
+
+class LocalEngine:
+    """onnxruntime here; `workers` processes decode (0: one per core)."""
+
+    kind = "local"
+
+    def __init__(
+        self, spec: ModelSpec, device: str, workers: int, batch_size: int, max_pixels: int
+    ) -> None:
+        self.spec = spec
+        self.model, self.version, self.labels = spec.name, spec.version, spec.labels
+        self.session = Runtime(device).session(spec)
+        self.device = self.session.provider
+        self.workers = workers or multiprocessing.cpu_count()
+        self.batch_size = batch_size
+        self.max_pixels = max_pixels
+        self._pool: ProcessPoolExecutor | None = None
+
+    def score(self, items: Sequence[Item]) -> Iterator[Result]:
+        for batch, future in in_order(self._submit, items, self.batch_size, 2 * self.workers):
+            try:
+                decoded = future.result()
+            except BrokenProcessPool:  # a decoder died (a crash in a native library, OOM)
+                decoded = self._one_by_one(batch)
+            yield scored(batch, decoded, self.session)
+
+    def _submit(self, batch: Sequence[Item]) -> Future[Decoded]:
+        if self._pool is None:
+            # forkserver: workers never inherit onnxruntime's threads from this process.
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+        paths = [item.path for item in batch]
+        return self._pool.submit(decode_files, paths, self.spec.image_shape, self.max_pixels)
+
+    def _one_by_one(self, batch: Sequence[Item]) -> Decoded:
+        """Find the file that kills decoders: each file alone in a fresh pool."""
+        arrays, good, errors = [], [], {}
+        for position, item in enumerate(batch):
+            self.close()
+            try:
+                one = self._submit([item]).result()
+            except BrokenProcessPool:
+                errors[position] = "the image decoder crashed on this file"
+                continue
+            if one.good:
+                arrays.append(one.pixels[0])
+                good.append(position)
+            else:
+                errors[position] = one.errors[0]
+        self.close()
+        pixels = np.stack(arrays) if arrays else np.empty((0, *self.spec.image_shape), np.uint8)
+        return Decoded(pixels, good, errors)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+# ---- remote
+
+RETRIED = (
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+)
+# The server names the model, version and position of a failed image; the row names the file.
+_WHERE = re.compile(r"^model '.*' version \d+, image \d+: ")
+_OVERHEAD_BYTES = 64 * 1024  # room for the request's framing beside the images' bytes
+
+
+class RemoteEngine:
+    """Our gRPC API on a running server; `workers` requests in flight (0: 4)."""
+
+    kind = "remote"
+
+    def __init__(
+        self,
+        client: Client,
+        model: str,
+        version: int,
+        workers: int,
+        batch_size: int,
+        max_message_bytes: int,
+        retries: int = 8,
+    ) -> None:
+        self.client = client
+        try:
+            info = client.get_model(model, version)
+        except ClientError as exc:
+            raise ScoringError(f"--server {client.target}: {exc}") from None
+        # The version is pinned: a newer one loaded during the job does not mix into the table.
+        self.model, self.version, self.labels = info.name, info.version, info.labels
+        self.device = f"{client.target} ({', '.join(info.execution_providers)})"
+        self.workers = workers or 4
+        self.batch_size = batch_size
+        self.budget = max_message_bytes - _OVERHEAD_BYTES
+        self.retries = retries
+        self._pool: ThreadPoolExecutor | None = None
+
+    def score(self, items: Sequence[Item]) -> Iterator[Result]:
+        self._pool = self._pool or ThreadPoolExecutor(self.workers, "score-remote")
+        pool = self._pool
+        for _, future in in_order(
+            lambda batch: pool.submit(self._score, batch), items, self.batch_size, 2 * self.workers
+        ):
+            yield future.result()
+
+    def _score(self, batch: Sequence[Item]) -> Result:
+        result = Result()
+        keys: list[str] = []
+        predictions: list[Prediction] = []
+        for request in self._requests(batch, result):
+            predictions += self._classify([data for _, data in request])
+            keys += [key for key, _ in request]
+        good = [(key, p) for key, p in zip(keys, predictions, strict=True) if p.ok]
+        result.errors += [
+            (k, _WHERE.sub("", p.error)) for k, p in zip(keys, predictions, strict=True) if not p.ok
+        ]
+        result.keys = [key for key, _ in good]
+        if good:
+            result.probabilities = np.array([p.probabilities for _, p in good], np.float32)
+            result.bottleneck = np.array(
+                [(p.bottleneck_x, p.bottleneck_y) for _, p in good], np.float32
+            )
+        return result
+
+    def _requests(self, batch: Sequence[Item], result: Result) -> Iterator[list[tuple[str, bytes]]]:
+        """The batch's readable files, grouped into requests under the message limit."""
+        request: list[tuple[str, bytes]] = []
+        size = 0
+        for item in batch:
+            data = self._read(item, result)
+            if data is None:
+                continue
+            if request and size + len(data) > self.budget:
+                yield request
+                request, size = [], 0
+            request.append((item.key, data))
+            size += len(data)
+        if request:
+            yield request
+
+    def _read(self, item: Item, result: Result) -> bytes | None:
+        try:
+            check_regular(item.path)
+            with open(item.path, "rb") as file:
+                data = file.read(self.budget + 1)
+        except OSError as exc:
+            result.errors.append((item.key, read_error(exc)))
+            return None
+        except InvalidInput as exc:
+            result.errors.append((item.key, str(exc)))
+            return None
+        if len(data) > self.budget:
+            result.errors.append(
+                (item.key, f"file larger than a gRPC message may carry ({self.budget:,} bytes)")
+            )
+            return None
+        return data
+
+    def _classify(self, images: list[bytes]) -> list[Prediction]:
+        try:
+            return retrying(
+                lambda: self.client.classify(images, self.model, self.version, top_k=1),
+                self.retries,
+                f"--server {self.client.target}",
+            )
+        except ClientError as exc:  # over the server's message limit: smaller requests
+            if len(images) == 1:
+                reason = f"file larger than the server accepts in one message ({exc.message})"
+                return [failed(0, self.model, self.version, exc.code.name, reason)]
+            half = len(images) // 2
+            return self._classify(images[:half]) + self._classify(images[half:])
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+
+
+def retrying(call: Callable[[], T], retries: int, where: str) -> T:
+    """`call()`, again after 0.1, 0.2, 0.4 ... 5 s while the server is unavailable, its queue
+    full or the call timed out. A message over the size limit raises its ClientError at once;
+    anything else, or no success after `retries` retries, is a ScoringError."""
+    attempt = 0
+    while True:
+        try:
+            return call()
+        except ClientError as exc:
+            if _too_large(exc):
+                raise
+            if exc.code not in RETRIED or attempt >= retries:
+                raise ScoringError(f"{where}: {exc}") from None
+            pause = min(5.0, 0.1 * 2**attempt)
+            log.warning("%s: %s; retrying in %.1f s", where, exc.code.name, pause)
+            time.sleep(pause)
+            attempt += 1
+
+
+def _too_large(exc: ClientError) -> bool:
+    return exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "larger than max" in exc.message

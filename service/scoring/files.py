@@ -1,0 +1,108 @@
+"""Which files a scoring job scores: a stable, loop-safe walk of the input folder.
+
+Every file whose name ends in an image extension (any case) is an `Item` and gets exactly one
+row; other files are counted as skipped. Symbolic links are followed (a link to a folder is
+walked once: a loop or a second link to the same folder is not entered again). The walk only
+reads: nothing in the input tree is ever created, changed or removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
+)
+
+
+@dataclass(frozen=True)
+class Item:
+    key: str  # the path relative to the input folder, "/"-separated: the row's `path`
+    path: str  # where to read it (absolute)
+    folder: str  # the name of the folder holding it ("" at the top)
+
+
+@dataclass
+class Walk:
+    items: list[Item] = field(default_factory=list)
+    skipped: int = 0  # files not named like images
+    unreadable_folders: list[str] = field(default_factory=list)
+
+
+def walk(root: Path, recursive: bool = True) -> Walk:
+    """Every file under `root` in a stable order (names sorted by code point, depth first)."""
+    found = Walk()
+    top = os.stat(root)
+    _walk(str(root.resolve()), (), recursive, {(top.st_dev, top.st_ino)}, found)
+    return found
+
+
+def _walk(
+    folder: str,
+    parts: tuple[str, ...],
+    recursive: bool,
+    seen: set[tuple[int, int]],
+    found: Walk,
+) -> None:
+    try:
+        with os.scandir(folder) as scan:
+            entries = sorted(scan, key=lambda e: e.name)
+    except OSError as exc:
+        log.warning("cannot list %s: %s", folder, exc.strerror)
+        found.unreadable_folders.append(_key(parts) or ".")
+        return
+    for entry in entries:
+        if _is_folder(entry):
+            if not recursive:
+                continue
+            try:
+                stat = entry.stat()  # follows a link: the folder it points to
+            except OSError:
+                continue
+            if (stat.st_dev, stat.st_ino) in seen:
+                log.info("not entering %s again (a link to a folder already walked)", entry.path)
+                continue
+            seen.add((stat.st_dev, stat.st_ino))
+            _walk(entry.path, (*parts, entry.name), recursive, seen, found)
+        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+            key = _key((*parts, entry.name))
+            found.items.append(Item(key, entry.path, _key(parts[-1:])))
+        else:
+            found.skipped += 1
+
+
+def _is_folder(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows links; a broken link is a file (an error row if named .png)
+    except OSError:
+        return False
+
+
+def _key(parts: tuple[str, ...]) -> str:
+    # A name that is not valid UTF-8 keeps its bytes visible as \xNN escapes, so the table
+    # (Parquet strings are UTF-8) can always hold it and a resumed run finds the same key.
+    return "/".join(os.fsencode(p).decode("utf-8", "backslashreplace") for p in parts)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[^0-9a-z]+", "", name.casefold())
+
+
+def label_matcher(labels: tuple[str, ...]) -> dict[str, str]:
+    """{normalised folder name: label}: a folder named like a class, ignoring case and
+    punctuation ("T-shirt-top" and "t_shirt top" both name "T-shirt/top")."""
+    matcher: dict[str, str] = {}
+    for label in labels:
+        matcher.setdefault(_normal(label), label)
+    return matcher
+
+
+def true_label(item: Item, matcher: dict[str, str]) -> str | None:
+    """The label named by the folder holding the item, if any."""
+    return matcher.get(_normal(item.folder)) if item.folder else None

@@ -1,0 +1,215 @@
+"""A directory scoring job from start to finish:
+
+    walk the folder -> skip what is already done -> score the rest in batches (an engine)
+    -> write rows in atomic chunks as they come -> assemble FILE in the walk's order
+    -> FILE.summary.json, FILE.bottleneck.png, one summary line
+
+`run(config)` returns the summary; it raises ScoringError (or another ServingError) with a
+one-line reason when the job cannot start or go on; rows written until then are kept, and the
+same command resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+from tqdm import tqdm
+
+from service.client import Client
+from service.config import ScoreConfig
+from service.errors import ModelNotFound, ScoringError
+from service.repository import ModelSpec, read_spec, scan
+from service.scoring import report
+from service.scoring import table as tables
+from service.scoring.engines import Engine, LocalEngine, RemoteEngine, Result
+from service.scoring.files import Item, label_matcher, true_label, walk
+from service.scoring.store import ChunkStore, companions
+
+log = logging.getLogger(__name__)
+
+
+def run(config: ScoreConfig, client: Client | None = None) -> dict[str, Any]:
+    """Score `config.directory` into `config.out`; `client` is required by the remote engine."""
+    fmt = tables.output_format(config.out)
+    directory = _input_folder(config.directory)
+    _check_out(config.out, directory)
+    engine = make_engine(config, client)
+    try:
+        return _score(config, engine, fmt, directory)
+    finally:
+        engine.close()
+
+
+def _input_folder(directory: Path) -> Path:
+    if not directory.exists():
+        raise ScoringError(f"{directory}: no such directory")
+    if not directory.is_dir():
+        raise ScoringError(f"{directory}: not a directory")
+    return directory.resolve()
+
+
+def _check_out(out: Path, directory: Path) -> None:
+    where = out.resolve()
+    if where.is_relative_to(directory):
+        raise ScoringError(
+            f"--out {out} is inside {directory}: the input folder is never written to; "
+            "choose an output outside it"
+        )
+    if where.is_dir():
+        raise ScoringError(f"--out {out} is a directory; name a file")
+    where.parent.mkdir(parents=True, exist_ok=True)
+
+
+def model_spec(repository: Path, name: str, version: int) -> ModelSpec:
+    """The version to score with from the repository (0: the newest)."""
+    found = scan(repository)
+    if name not in found:
+        have = ", ".join(found) or "none"
+        raise ModelNotFound(f"model {name!r} is not in {repository} (models there: {have})")
+    if version and version not in found[name]:
+        raise ModelNotFound(
+            f"model {name!r} has no version {version} in {repository} "
+            f"(versions: {', '.join(map(str, found[name]))})"
+        )
+    return read_spec(repository, name, version or found[name][-1])
+
+
+def make_engine(config: ScoreConfig, client: Client | None) -> Engine:
+    if config.engine == "remote":
+        if client is None:
+            raise ScoringError("the remote engine needs a client")
+        return RemoteEngine(
+            client,
+            config.model,
+            config.version,
+            config.workers,
+            config.batch_size,
+            config.max_message_bytes,
+        )
+    if config.repository is None:
+        raise ScoringError(f"--engine {config.engine} needs --repository")
+    spec = model_spec(config.repository, config.model, config.version)
+    if config.engine == "ray":
+        from service.scoring.ray_engine import RayEngine  # noqa: PLC0415 - optional extra
+
+        return RayEngine(
+            spec,
+            config.device,
+            config.ray_address,
+            config.workers,
+            config.batch_size,
+            config.max_image_pixels,
+        )
+    return LocalEngine(
+        spec, config.device, config.workers, config.batch_size, config.max_image_pixels
+    )
+
+
+def _score(config: ScoreConfig, engine: Engine, fmt: str, directory: Path) -> dict[str, Any]:
+    found = walk(directory, config.recursive)
+    items = found.items[: config.limit or None]
+    job = {"directory": str(directory), "model": engine.model, "version": engine.version}
+    store = ChunkStore(config.out, fmt, job)
+    done = store.open(config.overwrite)
+    try:
+        finished = set(done["path"].to_pylist())
+        todo = [item for item in items if item.key not in finished]
+        started = time.monotonic()
+        new = _score_items(config, engine, store, items, todo)
+        seconds = time.monotonic() - started
+        final = _in_walk_order(pa.concat_tables([done, *new]), items)
+        store.finish(final)
+    finally:
+        store.close()
+    facts = {
+        "directory": str(directory),
+        "output": str(config.out),
+        "format": fmt,
+        "engine": engine.kind,
+        "device": engine.device,
+        "model": engine.model,
+        "version": engine.version,
+        "skipped": found.skipped,
+        "unreadable_folders": found.unreadable_folders,
+        "this_run": {
+            "scored": len(todo),
+            "already_done": len(items) - len(todo),
+            "seconds": round(seconds, 3),
+            "images_per_second": round(len(todo) / seconds, 1) if seconds > 0 else 0.0,
+        },
+    }
+    summary = report.summarize(final, engine.labels, facts)
+    summary_path, plot_path = companions(config.out)
+    report.write_summary(summary, summary_path)
+    title = f"{engine.model} v{engine.version}: {directory.name or directory}"
+    report.plot_bottleneck(final, engine.labels, title, plot_path)
+    return summary
+
+
+def _score_items(
+    config: ScoreConfig, engine: Engine, store: ChunkStore, items: list[Item], todo: list[Item]
+) -> list[pa.Table]:
+    """Score `todo`, writing a chunk every `chunk_rows` rows or `chunk_interval_s` seconds;
+    returns the chunks written."""
+    matcher = label_matcher(engine.labels)
+    truth = {item.key: true_label(item, matcher) for item in todo}
+    rows = tables.Rows(engine.model, engine.version, engine.labels)
+    written: list[pa.Table] = []
+
+    def flush() -> None:
+        if len(rows):
+            chunk = rows.table()
+            store.write(chunk)
+            written.append(chunk)
+            rows.clear()
+
+    bar = tqdm(
+        total=len(items),
+        initial=len(items) - len(todo),
+        unit="img",
+        desc="scoring",
+        disable=None if config.progress else True,  # None: off when not a terminal
+        dynamic_ncols=True,
+    )
+    last = time.monotonic()
+    try:
+        for result in engine.score(todo):
+            _add(rows, result, truth)
+            bar.update(len(result))
+            if len(rows) >= config.chunk_rows or time.monotonic() - last >= config.chunk_interval_s:
+                flush()
+                last = time.monotonic()
+    except ScoringError as exc:
+        flush()
+        raise ScoringError(f"{exc} ({_kept(written)}; run the same command to resume)") from None
+    finally:
+        flush()
+        bar.close()
+    return written
+
+
+def _add(rows: tables.Rows, result: Result, truth: dict[str, str | None]) -> None:
+    if result.keys:
+        labels = [truth[key] for key in result.keys]
+        rows.scored(result.keys, labels, result.probabilities, result.bottleneck)
+    if result.errors:
+        keys = [key for key, _ in result.errors]
+        rows.failed(keys, [truth[key] for key in keys], [reason for _, reason in result.errors])
+
+
+def _kept(written: list[pa.Table]) -> str:
+    return f"{sum(t.num_rows for t in written):,} new rows kept"
+
+
+def _in_walk_order(rows: pa.Table, items: list[Item]) -> pa.Table:
+    """The rows of the files in `items`, in the walk's order (rows of files gone from the
+    folder, or beyond --limit, are left out)."""
+    position = {item.key: i for i, item in enumerate(items)}
+    places = np.array([position.get(key, -1) for key in rows["path"].to_pylist()], dtype=np.int64)
+    keep = np.flatnonzero(places >= 0)
+    return rows.take(keep[np.argsort(places[keep], kind="stable")])

@@ -1,0 +1,171 @@
+"""Where a scoring job keeps its results while it runs, so a crash loses at most one chunk.
+
+Beside the output FILE, the folder FILE.parts/ holds:
+- `job.json`: what the rows were scored with (input folder, model, version); a resumed job with
+  other settings is refused rather than mixing rows;
+- `chunk-NNNNNN.parquet`: the rows, each chunk written to a temporary name, synced and renamed,
+  so a chunk is there whole or not at all (`kill -9` at any moment);
+- `lock`: held (flock) while a job runs, so two jobs never write the same output.
+
+Rows already done are the union of a finished FILE (when there is one) and the chunks: running
+the same command again scores only what is missing. When the job ends, FILE is replaced
+atomically and FILE.parts/ is removed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from service.errors import ScoringError
+from service.scoring import table as tables
+
+log = logging.getLogger(__name__)
+
+
+def companions(out: Path) -> list[Path]:
+    """The files a job writes besides FILE itself."""
+    return [_sibling(out, ".summary.json"), _sibling(out, ".bottleneck.png")]
+
+
+def _sibling(out: Path, suffix: str) -> Path:
+    return out.with_name(out.name + suffix)
+
+
+class ChunkStore:
+    def __init__(self, out: Path, fmt: str, job: dict[str, Any]) -> None:
+        self.out, self.fmt, self.job = out, fmt, job
+        self.parts = _sibling(out, ".parts")
+        self._lock: int | None = None
+        self._next = 0
+
+    # ---- life cycle
+
+    def open(self, overwrite: bool) -> pa.Table:
+        """Take the lock and return the rows already done (an empty table when starting)."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        self._take_lock()
+        if overwrite:
+            self._remove_previous()
+        self._check_job()
+        for stale in self.parts.glob(".*.tmp-*"):  # a chunk a crash left half-written
+            stale.unlink()
+        done = self._read_done()
+        self._next = 1 + max((_number(p) for p in self._chunks()), default=0)
+        return done
+
+    def write(self, rows: pa.Table) -> None:
+        """One chunk, whole or not at all."""
+        if not rows.num_rows:
+            return
+        with tables.atomically(self.parts / f"chunk-{self._next:06d}.parquet") as temporary:
+            pq.write_table(rows, temporary)
+        self._next += 1
+
+    def finish(self, rows: pa.Table) -> None:
+        """Replace FILE with the complete table, then forget the chunks."""
+        tables.write(rows, self.out, self.fmt)
+        shutil.rmtree(self.parts, ignore_errors=True)
+        self.close()
+
+    def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
+
+    # ---- helpers
+
+    def _take_lock(self) -> None:
+        self._lock = os.open(self.parts / "lock", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.close()
+            raise ScoringError(
+                f"another scoring job is writing {self.out} (lock {self.parts / 'lock'})"
+            ) from None
+
+    def _check_job(self) -> None:
+        path = self.parts / "job.json"
+        if path.exists():
+            try:
+                before = json.loads(path.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                before = None
+            if before != self.job and before is not None:
+                raise ScoringError(_mismatch(self.out, before, self.job))
+        else:
+            path.write_text(json.dumps(self.job, indent=2), encoding="utf-8")
+
+    def _read_done(self) -> pa.Table:
+        parts = []
+        if self.out.exists():
+            try:
+                parts.append(tables.read(self.out, self.fmt))
+            except (OSError, pa.ArrowException, ValueError) as exc:
+                raise ScoringError(
+                    f"{self.out} exists but cannot be read as {self.fmt} ({exc}); "
+                    "use --overwrite to start afresh"
+                ) from exc
+            self._check_rows(parts[0])
+        for chunk in self._chunks():
+            parts.append(pq.read_table(chunk, schema=tables.SCHEMA))
+        if not parts:
+            return tables.empty()
+        done = pa.concat_tables(parts)
+        return _first_per_path(done)
+
+    def _check_rows(self, done: pa.Table) -> None:
+        """A finished FILE scored with another model or version is not resumed."""
+        if not done.num_rows:
+            return
+        pairs = done.group_by(["model", "version"]).aggregate([]).to_pylist()
+        theirs = [(p["model"], p["version"]) for p in pairs]
+        if theirs != [(self.job["model"], self.job["version"])]:
+            scored = ", ".join(f"{m} v{v}" for m, v in theirs)
+            raise ScoringError(
+                f"{self.out} holds rows of {scored}, not {self.job['model']} "
+                f"v{self.job['version']}: use --overwrite to start afresh, or another --out"
+            )
+
+    def _chunks(self) -> list[Path]:
+        return sorted(self.parts.glob("chunk-*.parquet"))
+
+    def _remove_previous(self) -> None:
+        for path in (self.out, *companions(self.out)):
+            path.unlink(missing_ok=True)
+        for path in self.parts.iterdir():
+            if path.name != "lock":
+                path.unlink()
+
+
+def _number(chunk: Path) -> int:
+    return int(chunk.stem.split("-")[1])
+
+
+def _first_per_path(done: pa.Table) -> pa.Table:
+    """Each path once (a crash between writing FILE and removing the chunks leaves rows in
+    both)."""
+    indices = pa.table({"path": done["path"], "i": pa.array(range(done.num_rows))})
+    first = indices.group_by("path").aggregate([("i", "min")])["i_min"]
+    return done.take(sorted(first.to_pylist()))
+
+
+def _mismatch(out: Path, before: dict[str, Any], now: dict[str, Any]) -> str:
+    changed = ", ".join(
+        f"{key} {before.get(key)!r} -> {now.get(key)!r}"
+        for key in sorted(set(before) | set(now))
+        if before.get(key) != now.get(key)
+    )
+    return (
+        f"{out}: an unfinished job with other settings is in {out.name}.parts ({changed}); "
+        "run it with the same settings to finish it, or use --overwrite to start afresh"
+    )

@@ -1,0 +1,170 @@
+"""The result table: one row per image file, the same columns whichever engine scored it, written
+as Parquet, CSV or JSON Lines (chosen by the output's extension) and read back from any of them.
+
+Columns: path (relative to the input folder), label, label_index, confidence, probabilities
+(one float per class, in the model's label order), bottleneck_x, bottleneck_y, model, version,
+error (null when scored, else a short reason) and true_label (the class named by the file's
+folder, else null). Floats are float32, as the model computes them, so every format round-trips
+them exactly. In CSV, `probabilities` is a JSON list in one cell.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pa_csv
+import pyarrow.json as pa_json
+import pyarrow.parquet as pq
+
+from service.errors import ConfigError
+
+SCHEMA = pa.schema(
+    [
+        ("path", pa.string()),
+        ("label", pa.string()),
+        ("label_index", pa.int32()),
+        ("confidence", pa.float32()),
+        ("probabilities", pa.list_(pa.float32())),
+        ("bottleneck_x", pa.float32()),
+        ("bottleneck_y", pa.float32()),
+        ("model", pa.string()),
+        ("version", pa.int64()),
+        ("error", pa.string()),
+        ("true_label", pa.string()),
+    ]
+)
+FORMATS = {".parquet": "parquet", ".csv": "csv", ".jsonl": "jsonl"}
+
+
+def output_format(path: Path) -> str:
+    """ "parquet", "csv" or "jsonl" from the file's extension; ConfigError otherwise."""
+    fmt = FORMATS.get(path.suffix.lower())
+    if fmt is None:
+        raise ConfigError(
+            f"--out {path}: name the output .parquet, .csv or .jsonl (the format follows "
+            "the extension)"
+        )
+    return fmt
+
+
+class Rows:
+    """Collects rows column by column; `table()` makes them a pyarrow Table of SCHEMA."""
+
+    def __init__(self, model: str, version: int, labels: tuple[str, ...]) -> None:
+        self.model, self.version, self.labels = model, version, labels
+        self.columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+
+    def __len__(self) -> int:
+        return len(self.columns["path"])
+
+    def scored(
+        self,
+        keys: list[str],
+        true_labels: list[str | None],
+        probabilities: np.ndarray,  # (N, K) float32
+        bottleneck: np.ndarray,  # (N, 2) float32
+    ) -> None:
+        probabilities = np.asarray(probabilities, dtype=np.float32)
+        best = np.argmax(probabilities, axis=1)  # the first of equal maxima, as the service
+        count = len(keys)
+        c = self.columns
+        c["path"] += keys
+        c["label"] += [self.labels[i] for i in best]
+        c["label_index"] += best.tolist()
+        c["confidence"] += probabilities[np.arange(count), best].tolist()
+        c["probabilities"] += list(probabilities)
+        c["bottleneck_x"] += np.asarray(bottleneck[:, 0], dtype=np.float32).tolist()
+        c["bottleneck_y"] += np.asarray(bottleneck[:, 1], dtype=np.float32).tolist()
+        self._common(true_labels, [None] * count)
+
+    def failed(self, keys: list[str], true_labels: list[str | None], errors: list[str]) -> None:
+        c = self.columns
+        c["path"] += keys
+        for name in ("label", "label_index", "confidence", "probabilities"):
+            c[name] += [None] * len(keys)
+        c["bottleneck_x"] += [None] * len(keys)
+        c["bottleneck_y"] += [None] * len(keys)
+        self._common(true_labels, errors)
+
+    def _common(self, true_labels: Sequence[str | None], errors: Sequence[str | None]) -> None:
+        self.columns["model"] += [self.model] * len(errors)
+        self.columns["version"] += [self.version] * len(errors)
+        self.columns["error"] += errors
+        self.columns["true_label"] += true_labels
+
+    def table(self) -> pa.Table:
+        return pa.Table.from_pydict(self.columns, schema=SCHEMA)
+
+    def clear(self) -> None:
+        for values in self.columns.values():
+            values.clear()
+
+
+def empty() -> pa.Table:
+    return SCHEMA.empty_table()
+
+
+# ---- formats
+
+
+@contextmanager
+def atomically(path: Path) -> Iterator[Path]:
+    """A temporary name beside `path` to write; on success it is synced and renamed to `path`,
+    so a reader (or a crash) never sees half a file."""
+    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield temporary
+        with open(temporary, "rb") as written:
+            os.fsync(written.fileno())
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write(table: pa.Table, path: Path, fmt: str) -> None:
+    """Write `table` to `path` atomically in format `fmt`."""
+    with atomically(path) as temporary:
+        if fmt == "parquet":
+            pq.write_table(table, temporary)
+        elif fmt == "csv":
+            pa_csv.write_csv(_with_json_lists(table), temporary)
+        else:
+            _write_jsonl(table, temporary)
+
+
+def read(path: Path, fmt: str) -> pa.Table:
+    """A table written by `write` (in any format) as SCHEMA."""
+    if fmt == "parquet":
+        return pq.read_table(path, schema=SCHEMA)
+    if fmt == "csv":
+        types = {f.name: (pa.string() if f.name == "probabilities" else f.type) for f in SCHEMA}
+        options = pa_csv.ConvertOptions(column_types=types, strings_can_be_null=True)
+        table = pa_csv.read_csv(path, convert_options=options)
+        lists = [None if v is None else json.loads(v) for v in table["probabilities"].to_pylist()]
+        column = pa.array(lists, type=pa.list_(pa.float32()))
+        table = table.set_column(
+            table.schema.get_field_index("probabilities"), "probabilities", column
+        )
+        return table.select(SCHEMA.names).cast(SCHEMA)
+    options = pa_json.ParseOptions(explicit_schema=SCHEMA)
+    return pa_json.read_json(path, parse_options=options).select(SCHEMA.names)
+
+
+def _with_json_lists(table: pa.Table) -> pa.Table:
+    values = table["probabilities"].to_pylist()
+    cells = [None if v is None else json.dumps(v) for v in values]
+    index = table.schema.get_field_index("probabilities")
+    return table.set_column(index, "probabilities", pa.array(cells, type=pa.string()))
+
+
+def _write_jsonl(table: pa.Table, path: Path) -> None:
+    with open(path, "w", encoding="utf-8") as out:
+        for row in table.to_pylist():
+            out.write(json.dumps(row, ensure_ascii=False, allow_nan=False))
+            out.write("\n")
