@@ -93,6 +93,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         default=0,
     )
     add_option(
+        job,
+        "--chunk-rows",
+        "rows saved per chunk while the job runs (a chunk is also saved every 10 s): the most "
+        "a crash can lose",
+        type=int,
+        default=1000,
+    )
+    add_option(
         job, "--overwrite", "discard FILE and unfinished chunks; start afresh", action="store_true"
     )
     add_option(

@@ -36,10 +36,25 @@ class Walk:
 
 
 def walk(root: Path, recursive: bool = True) -> Walk:
-    """Every file under `root` in a stable order (names sorted by code point, depth first)."""
+    """Every file under `root` in a stable order: the real folders first (names sorted by code
+    point, depth first), then folders reached only through links, in the order the links were
+    met. A folder is walked once, under its real path when it has one."""
     found = Walk()
     top = os.stat(root)
-    _walk(str(root.resolve()), (), recursive, {(top.st_dev, top.st_ino)}, found)
+    seen = {(top.st_dev, top.st_ino)}
+    links: list[tuple[str, tuple[str, ...]]] = []
+    _walk(str(root.resolve()), (), recursive, seen, links, found)
+    while links:  # breadth of links: each may hold more links
+        path, parts = links.pop(0)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            continue
+        if (stat.st_dev, stat.st_ino) in seen:
+            log.info("not entering %s again (a link to a folder already walked)", path)
+            continue
+        seen.add((stat.st_dev, stat.st_ino))
+        _walk(path, parts, recursive, seen, links, found)
     return found
 
 
@@ -48,6 +63,7 @@ def _walk(
     parts: tuple[str, ...],
     recursive: bool,
     seen: set[tuple[int, int]],
+    links: list[tuple[str, tuple[str, ...]]],
     found: Walk,
 ) -> None:
     try:
@@ -61,15 +77,14 @@ def _walk(
         if _is_folder(entry):
             if not recursive:
                 continue
-            try:
-                stat = entry.stat()  # follows a link: the folder it points to
-            except OSError:
+            if entry.is_symlink():
+                links.append((entry.path, (*parts, entry.name)))
                 continue
-            if (stat.st_dev, stat.st_ino) in seen:
-                log.info("not entering %s again (a link to a folder already walked)", entry.path)
+            stat = entry.stat()
+            if (stat.st_dev, stat.st_ino) in seen:  # already walked through a link
                 continue
             seen.add((stat.st_dev, stat.st_ino))
-            _walk(entry.path, (*parts, entry.name), recursive, seen, found)
+            _walk(entry.path, (*parts, entry.name), recursive, seen, links, found)
         elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
             key = _key((*parts, entry.name))
             found.items.append(Item(key, entry.path, _key(parts[-1:])))

@@ -1,0 +1,317 @@
+"""Directory scoring end to end: `python -m service score` as a user runs it, on a folder made
+here of real images and hostile files, with the local, remote and Ray engines."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.scoring import table as tables
+from tests.service.conftest import MODEL, ROOT, reference
+from tests.service.scoring_tree import Tree, encode, make_tree
+
+
+def score(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "service", "score", *args]
+    return subprocess.run(
+        command, cwd=ROOT, capture_output=True, text=True, timeout=300,
+        env={**os.environ, "RAY_AUTH_MODE": "disabled", **(env or {})},
+    )  # fmt: skip
+
+
+def succeed(*args: str) -> dict:
+    """Run a job that must finish; returns its summary.json."""
+    done = score(*args)
+    assert done.returncode == 0, done.stderr
+    out = Path(args[args.index("--out") + 1])
+    assert done.stdout.startswith(f"{_count(out)} images:"), done.stdout
+    return json.loads(out.with_name(out.name + ".summary.json").read_text())
+
+
+def _count(out: Path) -> str:
+    return f"{rows(out).num_rows:,}"
+
+
+def rows(out: Path):
+    return tables.read(out, tables.output_format(out))
+
+
+def snapshot(root: Path) -> list[tuple]:
+    """Every entry under root (links not followed): name, kind, size, mtime."""
+    entries = []
+    for folder, dirs, files in os.walk(root):
+        for name in sorted(dirs + files):
+            stat = os.lstat(os.path.join(folder, name))
+            entries.append((folder, name, stat.st_mode, stat.st_size, stat.st_mtime_ns))
+    return sorted(entries, key=repr)
+
+
+@pytest.fixture(scope="module")
+def labels(repository: Path) -> list[str]:
+    return json.loads((repository / MODEL / "1" / "metadata.json").read_text())["labels"]
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory, sample_images, labels) -> Tree:
+    images, classes = sample_images
+    made = make_tree(tmp_path_factory.mktemp("score") / "in", images, classes, labels)
+    made.before = snapshot(made.root)
+    return made
+
+
+@pytest.fixture(scope="module")
+def local(tree: Tree, repository: Path, tmp_path_factory) -> tuple[Path, dict]:
+    out = tmp_path_factory.mktemp("out") / "scores.parquet"
+    summary = succeed(str(tree.root), "--model", MODEL, "--repository", str(repository),
+                      "--out", str(out))  # fmt: skip
+    return out, summary
+
+
+def test_every_image_file_gets_exactly_one_row_with_the_right_status(local, tree):
+    out, summary = local
+    table = rows(out).to_pylist()
+    paths = [row["path"] for row in table]
+    assert len(paths) == len(set(paths))
+    assert set(paths) == set(tree.expected)  # no "again/..." nor "awkward/loop/..." duplicates
+    for row in table:
+        if tree.expected[row["path"]] == "ok":
+            assert row["error"] is None, row
+            assert row["label"] in summary["predicted_labels"]
+            assert abs(sum(row["probabilities"]) - 1) < 1e-4
+            assert row["model"] == MODEL and row["version"] == 1
+        else:
+            assert row["error"] and len(row["error"]) < 200, row
+            assert row["label"] is None and row["probabilities"] is None
+    errors = {row["path"]: row["error"] for row in table if row["error"]}
+    assert "--max-image-pixels 50,000,000" in errors["bad/bomb.png"]
+    assert errors["bad/empty.png"] == "empty image (0 bytes)"
+    assert errors["bad/pipe.png"] == "not a regular file"
+    assert errors["bad/gone.png"].startswith("cannot read the file: No such file")
+    counts = summary["counts"]
+    assert counts == {
+        "images": len(tree.expected),
+        "scored": sum(s == "ok" for s in tree.expected.values()),
+        "errors": sum(s == "error" for s in tree.expected.values()),
+        "skipped": tree.skipped,
+    }
+    assert {e["path"] for e in summary["error_examples"]} == set(errors)
+
+
+def test_scores_equal_onnxruntime_and_the_summary_reports_accuracy(local, tree, repository, labels):
+    out, summary = local
+    by_path = {row["path"]: row for row in rows(out).to_pylist()}
+    labelled = sorted(tree.labelled)
+    expected = reference(repository, np.stack([tree.pixels[p] for p in labelled]))
+    got = np.array([by_path[p]["probabilities"] for p in labelled])
+    np.testing.assert_allclose(got, expected["probabilities"], atol=1e-6)
+    np.testing.assert_allclose(
+        [[by_path[p]["bottleneck_x"], by_path[p]["bottleneck_y"]] for p in labelled],
+        expected["bottleneck"], rtol=1e-5, atol=1e-5,
+    )  # fmt: skip
+    truth = [labels.index(tree.labelled[p]) for p in labelled]
+    predicted = expected["probabilities"].argmax(axis=1)
+    assert summary["labelled"] == len(labelled)
+    assert summary["accuracy"] == pytest.approx(float(np.mean(predicted == truth)))
+    matrix = np.array(summary["confusion_matrix"]["matrix"])
+    assert matrix.sum() == len(labelled) and np.trace(matrix) == int(np.sum(predicted == truth))
+    for path, row in by_path.items():  # class folders are matched despite "T-shirt/top"
+        assert row["true_label"] == tree.labelled.get(path)
+
+
+def test_summary_files_and_the_bottleneck_map(local, tree):
+    out, summary = local
+    plot = out.with_name(out.name + ".bottleneck.png")
+    with Image.open(plot) as image:
+        assert image.format == "PNG" and image.width > 400 and image.height > 300
+        colours = len(np.unique(np.asarray(image.convert("RGB")).reshape(-1, 3), axis=0))
+    assert colours > 20  # points in several colours, not an empty frame
+    assert summary["engine"] == "local" and summary["format"] == "parquet"
+    assert summary["this_run"]["scored"] == len(tree.expected)
+    assert not out.with_name(out.name + ".parts").exists()
+
+
+def test_the_input_tree_is_never_modified(local, tree):
+    assert snapshot(tree.root) == tree.before
+
+
+def test_csv_jsonl_and_parquet_hold_the_same_rows(local, tree, repository, tmp_path):
+    parquet = rows(local[0]).to_pylist()
+    for suffix in ("csv", "jsonl"):
+        out = tmp_path / f"scores.{suffix}"
+        succeed(str(tree.root), "--model", MODEL, "--repository", str(repository),
+                "--out", str(out))  # fmt: skip
+        other = rows(out).to_pylist()
+        assert [r["path"] for r in other] == [r["path"] for r in parquet]
+        for a, b in zip(other, parquet, strict=True):
+            assert a.keys() == b.keys()
+            for key in a:
+                if key == "probabilities" and a[key] is not None:
+                    np.testing.assert_allclose(a[key], b[key], atol=1e-6)
+                elif isinstance(a[key], float):
+                    assert a[key] == pytest.approx(b[key], abs=1e-6), key
+                else:
+                    assert a[key] == b[key], (key, a, b)
+
+
+def same_rows(got: Path, expected: Path) -> None:
+    a, b = rows(got).to_pylist(), rows(expected).to_pylist()
+    assert [r["path"] for r in a] == [r["path"] for r in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("label", "label_index", "error", "true_label", "model", "version"):
+            assert x[key] == y[key], (key, x, y)
+        if x["error"] is None:
+            np.testing.assert_allclose(x["probabilities"], y["probabilities"], atol=1e-6)
+            np.testing.assert_allclose(
+                [x["bottleneck_x"], x["bottleneck_y"]], [y["bottleneck_x"], y["bottleneck_y"]],
+                rtol=1e-5, atol=1e-5,
+            )  # fmt: skip
+
+
+def test_remote_engine_equals_local(local, tree, server, tmp_path):
+    out = tmp_path / "remote.parquet"
+    summary = succeed(str(tree.root), "--model", MODEL, "--server", server.target,
+                      "--batch-size", "7", "--out", str(out))  # fmt: skip
+    assert summary["engine"] == "remote"
+    same_rows(out, local[0])
+
+
+def test_ray_engine_on_a_local_ray_equals_local(local, tree, repository, tmp_path):
+    out = tmp_path / "ray.parquet"
+    summary = succeed(str(tree.root), "--model", MODEL, "--repository", str(repository),
+                      "--engine", "ray", "--workers", "2", "--batch-size", "16",
+                      "--out", str(out))  # fmt: skip
+    assert summary["engine"] == "ray"
+    same_rows(out, local[0])
+
+
+def test_limit_and_no_recursive(local, tree, repository, tmp_path):
+    out = tmp_path / "five.parquet"
+    succeed(str(tree.root), "--model", MODEL, "--repository", str(repository), "--limit", "5",
+            "--out", str(out))  # fmt: skip
+    assert rows(out)["path"].to_pylist() == rows(local[0])["path"].to_pylist()[:5]
+    out = tmp_path / "top.parquet"
+    summary = succeed(str(tree.root), "--model", MODEL, "--repository", str(repository),
+                      "--no-recursive", "--out", str(out))  # fmt: skip
+    assert rows(out)["path"].to_pylist() == ["top.png"]
+    assert summary["counts"]["skipped"] == 2  # README.txt and model.onnx
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["/no/such/folder", "--repository", "REPO"], "/no/such/folder: no such directory"),
+        (["IN", "--server", "127.0.0.1:1"], "cannot reach 127.0.0.1:1"),
+        (["IN", "--repository", "REPO", "--model", "nope"], "model 'nope' is not in"),
+        (["IN", "--repository", "REPO", "--out", "IN/inside.parquet"], "is inside"),
+        (["IN", "--repository", "REPO", "--out", "OUT/scores.xlsx"], ".parquet, .csv or .jsonl"),
+        (["IN", "--repository", "REPO", "--server", "x:1"], "not both"),
+    ],
+)
+def test_one_line_errors(args, message, tree, repository, tmp_path):
+    fill = {"IN": str(tree.root), "REPO": str(repository), "OUT": str(tmp_path)}
+    args = [fill.get(a, a) for a in args]
+    args = [a.replace("IN/", f"{tree.root}/").replace("OUT/", f"{tmp_path}/") for a in args]
+    if "--model" not in args:
+        args += ["--model", MODEL]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "scores.parquet")]
+    done = score(*args)
+    assert done.returncode == 2, done
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
+    assert message in done.stderr
+    assert not list(tmp_path.iterdir())  # nothing written
+
+
+def test_ray_missing_is_a_one_line_error_naming_the_extra(tree, repository, tmp_path):
+    blocker = tmp_path / "block" / "sitecustomize.py"
+    blocker.parent.mkdir()
+    blocker.write_text(
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'ray' or name.startswith('ray.'):\n"
+        "            raise ImportError('blocked for the test')\n"
+        "sys.meta_path.insert(0, Block())\n"
+    )
+    done = score(str(tree.root), "--model", MODEL, "--repository", str(repository),
+                 "--engine", "ray", "--out", str(tmp_path / "s.parquet"),
+                 env={"PYTHONPATH": str(blocker.parent)})  # fmt: skip
+    assert done.returncode == 2
+    assert done.stderr == "error: --engine ray needs Ray: pip install 'cnn-serving[ray]'\n"
+
+
+# ---- resumption
+
+
+@pytest.fixture(scope="module")
+def many(tmp_path_factory, sample_dir, labels) -> Path:
+    """1,500 real PNGs in class folders: enough that a job is killed long before it ends."""
+    from training.data import read_fashion_mnist_dir
+    from training.write_images import safe
+
+    data = read_fashion_mnist_dir(sample_dir)
+    root = tmp_path_factory.mktemp("many") / "in"
+    for i in range(1500):
+        image, label = data.x_train[i], int(data.y_train[i])
+        path = root / safe(labels[label]) / f"{i:04d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(encode(Image.fromarray(image[:, :, 0]), "PNG"))
+    return root
+
+
+def test_kill_9_mid_run_then_the_same_command_completes_the_exact_table(many, repository, tmp_path):
+    out = tmp_path / "scores.parquet"
+    args = [str(many), "--model", MODEL, "--repository", str(repository), "--out", str(out),
+            "--batch-size", "8", "--workers", "1", "--chunk-rows", "40"]  # fmt: skip
+    job = subprocess.Popen([sys.executable, "-m", "service", "score", *args], cwd=ROOT,
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    parts = tmp_path / "scores.parquet.parts"
+    deadline = time.monotonic() + 120
+    while len(list(parts.glob("chunk-*.parquet"))) < 3 and job.poll() is None:
+        assert time.monotonic() < deadline, "no chunk written in 120 s"
+        time.sleep(0.005)
+    job.send_signal(signal.SIGKILL)
+    job.wait()
+    assert not out.exists(), "the job finished before it could be killed"
+    summary = succeed(*args)
+    table = rows(out)
+    paths = table["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == 1500
+    run = summary["this_run"]
+    assert run["already_done"] >= 120 and run["scored"] + run["already_done"] == 1500
+    clean = tmp_path / "clean.parquet"
+    succeed(*[a if a != str(out) else str(clean) for a in args])
+    same_rows(out, clean)
+
+    # A finished table is resumed, not rescored: nothing to do, then only a new file.
+    again = succeed(*args)
+    assert again["this_run"]["scored"] == 0 and rows(out).equals(table)
+    extra = many / "new.png"
+    extra.write_bytes(encode(Image.new("L", (28, 28), 0), "PNG"))
+    try:
+        again = succeed(*args)
+    finally:
+        extra.unlink()
+    assert again["this_run"]["scored"] == 1 and rows(out).num_rows == 1501
+
+
+def test_a_table_of_another_version_is_not_mixed_in(local, tree, private_repo, tmp_path):
+    import shutil
+
+    shutil.copytree(private_repo / MODEL / "1", private_repo / MODEL / "2")
+    out = tmp_path / "scores.jsonl"
+    base = [str(tree.root), "--model", MODEL, "--repository", str(private_repo), "--out", str(out)]
+    succeed(*base, "--version", "1")
+    done = score(*base)  # the newest is now 2
+    assert done.returncode == 2 and "holds rows of fashion v1, not fashion v2" in done.stderr
+    summary = succeed(*base, "--overwrite")
+    assert summary["version"] == 2 and set(rows(out)["version"].to_pylist()) == {2}
