@@ -60,3 +60,8 @@ def check_regular(path: str) -> None:
 def read_error(exc: OSError) -> str:
     """The reason a file could not be read, without the path (the row already names it)."""
     return f"cannot read the file: {exc.strerror or type(exc).__name__}"
+
+
+def ready() -> int:
+    """A task that only proves a worker process is up (its imports done)."""
+    return os.getpid()

@@ -31,7 +31,7 @@ from service.errors import InvalidInput, ScoringError
 from service.predictions import Prediction, failed
 from service.repository import ModelSpec
 from service.runtime import Runtime, Session
-from service.scoring.decoding import Decoded, check_regular, decode_files, read_error
+from service.scoring.decoding import Decoded, check_regular, decode_files, read_error, ready
 from service.scoring.files import Item
 
 log = logging.getLogger(__name__)
@@ -109,6 +109,17 @@ class LocalEngine:
         self.batch_size = batch_size
         self.max_pixels = max_pixels
         self._pool: ProcessPoolExecutor | None = None
+        self._start()
+
+    def _start(self) -> ProcessPoolExecutor:
+        """The decoding processes, started and ready (so a job's throughput is not its
+        start-up). forkserver: they never inherit onnxruntime's threads from this process."""
+        if self._pool is None:
+            context = multiprocessing.get_context("forkserver")
+            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            for started in [self._pool.submit(ready) for _ in range(self.workers)]:
+                started.result()
+        return self._pool
 
     def score(self, items: Sequence[Item]) -> Iterator[Result]:
         for batch, future in in_order(self._submit, items, self.batch_size, 2 * self.workers):
@@ -119,12 +130,8 @@ class LocalEngine:
             yield scored(batch, decoded, self.session)
 
     def _submit(self, batch: Sequence[Item]) -> Future[Decoded]:
-        if self._pool is None:
-            # forkserver: workers never inherit onnxruntime's threads from this process.
-            context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
         paths = [item.path for item in batch]
-        return self._pool.submit(decode_files, paths, self.spec.image_shape, self.max_pixels)
+        return self._start().submit(decode_files, paths, self.spec.image_shape, self.max_pixels)
 
     def _one_by_one(self, batch: Sequence[Item]) -> Decoded:
         """Find the file that kills decoders: each file alone in a fresh pool."""

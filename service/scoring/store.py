@@ -95,15 +95,15 @@ class ChunkStore:
 
     def _check_job(self) -> None:
         path = self.parts / "job.json"
-        if path.exists():
-            try:
-                before = json.loads(path.read_text(encoding="utf-8"))
-            except (OSError, ValueError):
-                before = None
-            if before != self.job and before is not None:
-                raise ScoringError(_mismatch(self.out, before, self.job))
-        else:
-            path.write_text(json.dumps(self.job, indent=2), encoding="utf-8")
+        try:
+            before = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            before = None  # a new job (or a file a crash cut short: written again below)
+        if before is not None and before != self.job:
+            raise ScoringError(_mismatch(self.out, before, self.job))
+        if before is None:
+            with tables.atomically(path) as temporary:
+                temporary.write_text(json.dumps(self.job, indent=2), encoding="utf-8")
 
     def _read_done(self) -> pa.Table:
         parts = []
