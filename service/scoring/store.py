@@ -53,12 +53,16 @@ class ChunkStore:
         """Take the lock and return the rows already done (an empty table when starting)."""
         self.parts.mkdir(parents=True, exist_ok=True)
         self._take_lock()
-        if overwrite:
-            self._remove_previous()
-        self._check_job()
-        for stale in self.parts.glob(".*.tmp-*"):  # a chunk a crash left half-written
-            stale.unlink()
-        done = self._read_done()
+        try:
+            if overwrite:
+                self._remove_previous()
+            self._check_job()
+            for stale in self.parts.glob(".*.tmp-*"):  # a chunk a crash left half-written
+                stale.unlink()
+            done = self._read_done()
+        except BaseException:
+            self.close()
+            raise
         self._next = 1 + max((_number(p) for p in self._chunks()), default=0)
         return done
 

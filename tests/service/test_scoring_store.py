@@ -1,0 +1,83 @@
+"""The pieces of a scoring job that a crash tests: chunks, resumption, the lock, the formats."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from service.errors import ScoringError
+from service.scoring import table as tables
+from service.scoring.files import Item, label_matcher, true_label, walk
+from service.scoring.store import ChunkStore
+
+LABELS = ("T-shirt/top", "Trouser", "Ankle boot")
+JOB = {"directory": "/data", "model": "m", "version": 3}
+
+
+def some_rows(keys: list[str], failed: list[str] = ()) -> tables.Rows:
+    rows = tables.Rows("m", 3, LABELS)
+    probabilities = np.random.default_rng(len(keys)).dirichlet(np.ones(3), len(keys))
+    bottleneck = np.arange(2 * len(keys), dtype=np.float32).reshape(-1, 2)
+    rows.scored(keys, ["Trouser"] * len(keys), probabilities.astype(np.float32), bottleneck)
+    rows.failed(list(failed), [None] * len(failed), ["corrupt or truncated image: é"] * len(failed))
+    return rows
+
+
+def test_a_crash_between_the_final_write_and_the_clean_up_leaves_each_path_once(tmp_path):
+    out = tmp_path / "scores.parquet"
+    store = ChunkStore(out, "parquet", JOB)
+    assert store.open(overwrite=False).num_rows == 0
+    first, second = some_rows(["a.png", "b.png"]).table(), some_rows(["c.png"], ["d.png"]).table()
+    store.write(first)
+    store.write(second)
+    tables.write(tables.empty(), out, "parquet")  # (a stand-in for the old FILE)
+    tables.write(first, out, "parquet")  # FILE written, chunks not yet removed: then kill -9
+    store.close()
+    (store.parts / ".chunk-000009.parquet.tmp-1").write_bytes(b"half a chunk")
+
+    again = ChunkStore(out, "parquet", JOB)
+    done = again.open(overwrite=False)
+    assert done["path"].to_pylist() == ["a.png", "b.png", "c.png", "d.png"]
+    assert not list(again.parts.glob(".*tmp*"))  # the half-written chunk is gone
+    again.finish(done)
+    assert not again.parts.exists() and tables.read(out, "parquet").equals(done)
+
+
+def test_one_job_per_output_and_no_mixing_of_settings(tmp_path):
+    out = tmp_path / "scores.csv"
+    running = ChunkStore(out, "csv", JOB)
+    running.open(overwrite=False)
+    with pytest.raises(ScoringError, match="another scoring job is writing"):
+        ChunkStore(out, "csv", JOB).open(overwrite=False)
+    running.write(some_rows(["a.png"]).table())
+    running.close()
+    with pytest.raises(ScoringError, match=r"version 3 -> 4.*--overwrite"):
+        ChunkStore(out, "csv", {**JOB, "version": 4}).open(overwrite=False)
+    fresh = ChunkStore(out, "csv", {**JOB, "version": 4})
+    assert fresh.open(overwrite=True).num_rows == 0
+    fresh.close()
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "csv", "jsonl"])
+def test_every_format_round_trips_rows_exactly(fmt, tmp_path):
+    rows = some_rows(["x/ü 1.png", 'quote",comma.png'], ["bad.png"]).table()
+    out = tmp_path / f"scores.{fmt}"
+    tables.write(rows, out, fmt)
+    assert tables.read(out, fmt).equals(rows)
+
+
+def test_walk_order_links_and_class_folders(tmp_path):
+    for relative in ("b/2.png", "b/10.PNG", "a/x.jpg", "a/notes.txt", "z.gif"):
+        (tmp_path / relative).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / relative).write_bytes(b"")
+    (tmp_path / "0-link").symlink_to("b")  # sorts first, but b is walked under its real name
+    (tmp_path / "a" / "up").symlink_to("..")
+    found = walk(tmp_path)
+    assert [i.key for i in found.items] == ["a/x.jpg", "b/10.PNG", "b/2.png", "z.gif"]
+    assert found.skipped == 1
+    assert [i.key for i in walk(tmp_path, recursive=False).items] == ["z.gif"]
+    matcher = label_matcher(LABELS)
+    assert true_label(Item("t/1.png", "", "T-shirt-top"), matcher) == "T-shirt/top"
+    assert true_label(Item("t/1.png", "", "ankle_BOOT"), matcher) == "Ankle boot"
+    assert true_label(Item("1.png", "", ""), matcher) is None
+    assert true_label(Item("s/1.png", "", "sandal"), matcher) is None
