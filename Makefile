@@ -13,7 +13,7 @@ DEMO_MODEL  ?= fashion
 DEMO_EPOCHS ?= 3
 DEMO_PORT   ?= 18001
 
-.PHONY: install test lint format protos demo demo-serve demo-data clean
+.PHONY: install test lint format protos demo demo-serve demo-score demo-data clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -59,6 +59,7 @@ demo: install demo-data
 	  --quiet > $(DEMO_RUN).export.json; \
 	$(BIN)/python -m training.summary $(DEMO_RUN) $(DEMO_RUN).export.json
 	@$(MAKE) --no-print-directory demo-serve
+	@$(MAKE) --no-print-directory demo-score
 
 # Serve the exported model, classify one real test image per class over gRPC, stop the server.
 demo-serve: install
@@ -73,6 +74,17 @@ demo-serve: install
 	echo "classifying one test image per class (folder = true label) over gRPC:"; \
 	$(BIN)/python -m service classify --server 127.0.0.1:$(DEMO_PORT) --model $(DEMO_MODEL) \
 	  --top-k 2 $(DEMO_RUN)-images/*/*.png
+
+# Score a folder of real test images (50 per class, plus one broken file) into a Parquet table.
+demo-score: install
+	@set -e; rm -rf $(DEMO_RUN)-folder; \
+	$(BIN)/python -m training.write_images $(DEMO_RUN)-folder --data-dir tests/data/fashion-mnist \
+	  --per-class 50 > /dev/null; \
+	echo "this is not a picture" > $(DEMO_RUN)-folder/broken.png; \
+	echo "scoring $(DEMO_RUN)-folder (501 files) into $(DEMO_RUN)-scores.parquet ..."; \
+	$(BIN)/python -m service score $(DEMO_RUN)-folder --model $(DEMO_MODEL) \
+	  --repository $(DEMO_REPO) --out $(DEMO_RUN)-scores.parquet --overwrite 2> $(DEMO_RUN).score.log; \
+	echo "summary: $(DEMO_RUN)-scores.parquet.summary.json, map: $(DEMO_RUN)-scores.parquet.bottleneck.png"
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -99,7 +99,10 @@ class RayEngine:
             self._started = True
         cpus = int(self.ray.cluster_resources().get("CPU", 1))
         self.workers = workers or max(1, cpus)
-        self.ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        context = self.ray.data.DataContext.get_current()
+        context.enable_progress_bars = False  # ours counts the same images
+        context.print_on_execution_start = False
 
     def score(self, items: Sequence[Item]) -> Iterator[Result]:
         if not items:
@@ -114,7 +117,7 @@ class RayEngine:
             },
             batch_size=self.batch_size,
             batch_format="numpy",
-            concurrency=self.workers,
+            compute=self.ray.data.ActorPoolStrategy(size=self.workers),
             num_cpus=1,
             num_gpus=1 if self.device_policy == "cuda" else 0,
         )
