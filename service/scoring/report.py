@@ -67,8 +67,9 @@ def _accuracy(columns: dict[str, list], ok: list[bool], labels: tuple[str, ...])
 
 def summary_line(summary: dict[str, Any]) -> str:
     counts, run = summary["counts"], summary["this_run"]
+    errors = f"{counts['errors']:,} error{'' if counts['errors'] == 1 else 's'}"
     line = (
-        f"{counts['images']:,} images: {counts['scored']:,} scored, {counts['errors']:,} error{'' if counts['errors'] == 1 else 's'} "
+        f"{counts['images']:,} images: {counts['scored']:,} scored, {errors} "
         f"({counts['skipped']:,} other files skipped) with {summary['model']} "
         f"v{summary['version']}, {summary['engine']} engine; this run {run['scored']:,} in "
         f"{run['seconds']:.1f} s ({run['images_per_second']:,.0f} images/s)"
