@@ -315,3 +315,30 @@ def test_a_table_of_another_version_is_not_mixed_in(local, tree, private_repo, t
     assert done.returncode == 2 and "holds rows of fashion v1, not fashion v2" in done.stderr
     summary = succeed(*base, "--overwrite")
     assert summary["version"] == 2 and set(rows(out)["version"].to_pylist()) == {2}
+
+
+def test_remote_engine_rides_out_a_server_restart(many, repository, tmp_path):
+    from tests.service.conftest import start_server
+
+    first = start_server(repository)
+    out = tmp_path / "scores.parquet"
+    args = [str(many), "--model", MODEL, "--server", first.target, "--out", str(out),
+            "--batch-size", "1", "--workers", "1", "--chunk-rows", "40"]  # fmt: skip
+    job = subprocess.Popen([sys.executable, "-m", "service", "score", *args], cwd=ROOT,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    parts = tmp_path / "scores.parquet.parts"
+    deadline = time.monotonic() + 120
+    while not list(parts.glob("chunk-*.parquet")):
+        assert time.monotonic() < deadline and job.poll() is None, job.communicate()
+        time.sleep(0.005)
+    assert first.stop() == 0  # the job now meets UNAVAILABLE, then a refused connection
+    second = start_server(repository, "--grpc-port", str(first.port))
+    try:
+        stdout, stderr = job.communicate(timeout=120)
+    finally:
+        second.stop()
+    assert job.returncode == 0, stderr
+    assert "UNAVAILABLE; retrying in" in stderr
+    paths = rows(out)["path"].to_pylist()
+    assert len(paths) == len(set(paths)) == 1500
+    assert rows(out)["error"].null_count == 1500

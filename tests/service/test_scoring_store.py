@@ -81,3 +81,41 @@ def test_walk_order_links_and_class_folders(tmp_path):
     assert true_label(Item("t/1.png", "", "ankle_BOOT"), matcher) == "Ankle boot"
     assert true_label(Item("1.png", "", ""), matcher) is None
     assert true_label(Item("s/1.png", "", "sandal"), matcher) is None
+
+
+def test_retrying_waits_out_unavailable_and_gives_up_on_the_rest(monkeypatch):
+    import grpc
+
+    from service.client import ClientError
+    from service.scoring import engines
+
+    pauses: list[float] = []
+    monkeypatch.setattr(engines.time, "sleep", pauses.append)
+    answers = iter([ClientError(grpc.StatusCode.UNAVAILABLE, "down"),
+                    ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"), "done"])  # fmt: skip
+
+    def call():
+        answer = next(answers)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert engines.retrying(call, 5, "--server s:1") == "done"
+    assert pauses == [0.1, 0.2]
+    with pytest.raises(ScoringError, match="--server s:1: INVALID_ARGUMENT: no"):
+        engines.retrying(_raise(grpc.StatusCode.INVALID_ARGUMENT, "no"), 5, "--server s:1")
+    with pytest.raises(ScoringError, match="UNAVAILABLE"):
+        engines.retrying(_raise(grpc.StatusCode.UNAVAILABLE, "down"), 3, "--server s:1")
+    assert pauses[2:] == [0.1, 0.2, 0.4]  # then it gives up
+    with pytest.raises(ClientError):  # too large: the caller splits the request
+        message = "Received message larger than max (9 vs. 4)"
+        engines.retrying(_raise(grpc.StatusCode.RESOURCE_EXHAUSTED, message), 3, "s")
+
+
+def _raise(code, message):
+    from service.client import ClientError
+
+    def call():
+        raise ClientError(code, message)
+
+    return call
