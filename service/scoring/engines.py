@@ -160,8 +160,12 @@ class LocalEngine:
 
 # ---- remote
 
+# Transient: the server is restarting or draining (UNAVAILABLE; CANCELLED for a call caught by
+# its shutdown), its queue is full, or a call timed out under load.
 RETRIED = (
     grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.ABORTED,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
     grpc.StatusCode.DEADLINE_EXCEEDED,
 )
@@ -281,9 +285,9 @@ class RemoteEngine:
 
 
 def retrying(call: Callable[[], T], retries: int, where: str) -> T:
-    """`call()`, again after 0.1, 0.2, 0.4 ... 5 s while the server is unavailable, its queue
-    full or the call timed out. A message over the size limit raises its ClientError at once;
-    anything else, or no success after `retries` retries, is a ScoringError."""
+    """`call()`, again after 0.1, 0.2, 0.4 ... 5 s while the failure is transient (RETRIED).
+    A message over the size limit raises its ClientError at once; anything else, or no success
+    after `retries` retries, is a ScoringError."""
     attempt = 0
     while True:
         try:

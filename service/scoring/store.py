@@ -120,6 +120,7 @@ class ChunkStore:
                     "use --overwrite to start afresh"
                 ) from exc
             self._check_rows(parts[0])
+            self._check_summary()
         for chunk in self._chunks():
             parts.append(pq.read_table(chunk, schema=tables.SCHEMA))
         if not parts:
@@ -139,6 +140,17 @@ class ChunkStore:
                 f"{self.out} holds rows of {scored}, not {self.job['model']} "
                 f"v{self.job['version']}: use --overwrite to start afresh, or another --out"
             )
+
+    def _check_summary(self) -> None:
+        """A finished FILE of another input folder is not resumed: its rows would be taken for
+        files of the same relative paths here."""
+        try:
+            summary = json.loads(companions(self.out)[0].read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return  # no summary (a crash just before it was written): the rows say enough
+        before = {key: summary.get(key) for key in self.job}
+        if before != self.job:
+            raise ScoringError(_mismatch(self.out, before, self.job, finished=True))
 
     def _chunks(self) -> list[Path]:
         return sorted(self.parts.glob("chunk-*.parquet"))
@@ -163,12 +175,19 @@ def _first_per_path(done: pa.Table) -> pa.Table:
     return done.take(sorted(first.to_pylist()))
 
 
-def _mismatch(out: Path, before: dict[str, Any], now: dict[str, Any]) -> str:
+def _mismatch(
+    out: Path, before: dict[str, Any], now: dict[str, Any], finished: bool = False
+) -> str:
     changed = ", ".join(
         f"{key} {before.get(key)!r} -> {now.get(key)!r}"
         for key in sorted(set(before) | set(now))
         if before.get(key) != now.get(key)
     )
+    if finished:
+        return (
+            f"{out} holds the results of another job ({changed}): use --overwrite to replace "
+            "it, or another --out"
+        )
     return (
         f"{out}: an unfinished job with other settings is in {out.name}.parts ({changed}); "
         "run it with the same settings to finish it, or use --overwrite to start afresh"

@@ -342,3 +342,18 @@ def test_remote_engine_rides_out_a_server_restart(many, repository, tmp_path):
     paths = rows(out)["path"].to_pylist()
     assert len(paths) == len(set(paths)) == 1500
     assert rows(out)["error"].null_count == 1500
+
+
+def test_a_table_of_another_folder_is_not_taken_for_this_one(local, tree, repository, tmp_path):
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(tree.root / "Trouser", other / "Trouser")
+    out = tmp_path / "scores.parquet"
+    shutil.copy(local[0], out)
+    shutil.copy(
+        local[0].with_name(local[0].name + ".summary.json"), tmp_path / f"{out.name}.summary.json"
+    )
+    done = score(str(other), "--model", MODEL, "--repository", str(repository), "--out", str(out))
+    assert done.returncode == 2
+    assert "holds the results of another job (directory" in done.stderr

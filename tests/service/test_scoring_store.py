@@ -91,8 +91,13 @@ def test_retrying_waits_out_unavailable_and_gives_up_on_the_rest(monkeypatch):
 
     pauses: list[float] = []
     monkeypatch.setattr(engines.time, "sleep", pauses.append)
-    answers = iter([ClientError(grpc.StatusCode.UNAVAILABLE, "down"),
-                    ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"), "done"])  # fmt: skip
+    answers = iter(
+        [
+            ClientError(grpc.StatusCode.UNAVAILABLE, "down"),
+            ClientError(grpc.StatusCode.RESOURCE_EXHAUSTED, "queue full"),
+            "done",
+        ]
+    )
 
     def call():
         answer = next(answers)
