@@ -20,7 +20,7 @@ from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as v2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import Client, ClientError
-from tests.service.conftest import MODEL, Served, png, reference, start_server
+from tests.conftest import MODEL, Served, png, reference, start_server
 from tests.service.test_images import bomb_png
 
 
