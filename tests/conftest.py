@@ -10,11 +10,13 @@ import signal
 import subprocess
 import sys
 import threading
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -193,3 +195,11 @@ def start_server(
         process.kill()
         raise
     return Served(process, port, metrics_port, log)
+
+
+def scrape(served: Served) -> dict[str, list]:
+    """The server's /metrics, parsed: {family name: [samples]}."""
+    url = f"http://127.0.0.1:{served.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        text = response.read().decode()
+    return {f.name: f.samples for f in text_string_to_metric_families(text)}
