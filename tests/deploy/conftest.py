@@ -69,10 +69,19 @@ def yaml_documents(path: Path) -> list[dict[str, Any]]:
         return [doc for doc in yaml.safe_load_all(f) if doc]
 
 
-def k8s_objects(folder: Path = K8S) -> dict[str, dict[str, Any]]:
-    """Every object in folder/*.yaml, by `Kind/name`."""
+# Built-in kinds only: the server (`kubectl apply -f deploy/k8s/`) and the scoring Job. Objects
+# of custom resources (Prometheus Operator, KServe) live in folders of their own.
+BUILT_IN_FOLDERS = (K8S, K8S / "jobs")
+
+
+def k8s_files(*folders: Path) -> list[Path]:
+    return sorted(path for folder in folders for path in folder.glob("*.yaml"))
+
+
+def k8s_objects(*folders: Path) -> dict[str, dict[str, Any]]:
+    """Every object in folder/*.yaml (default: the built-in kinds' folders), by `Kind/name`."""
     objects = {}
-    for path in sorted(folder.glob("*.yaml")):
+    for path in k8s_files(*(folders or BUILT_IN_FOLDERS)):
         for doc in yaml_documents(path):
             objects[f"{doc['kind']}/{doc['metadata']['name']}"] = doc
     return objects

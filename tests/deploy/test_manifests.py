@@ -16,10 +16,12 @@ from service.__main__ import build_parser, serve_config
 from tests.conftest import ROOT
 from tests.deploy.conftest import (
     ALERTS,
+    BUILT_IN_FOLDERS,
     DEPLOY,
     K8S,
     PROMETHEUS_CONFIG,
     dockerfile_stages,
+    k8s_files,
     k8s_objects,
     run_tool,
     stage_env,
@@ -74,12 +76,12 @@ def image_uid() -> int:
 
 @pytest.mark.parametrize("version", ["1.29.0", "1.37.0"])
 def test_builtin_manifests_pass_kubernetes_validate_strict(version: str):
-    files = sorted(K8S.glob("*.yaml"))
+    files = k8s_files(*BUILT_IN_FOLDERS)
     result = run_tool(venv_tool("kubernetes-validate"), "--strict", "-k", version, *files)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "WARN" not in result.stdout + result.stderr  # a kind it has no schema for
     passed = re.findall(r"INFO (\S+) passed for resource", result.stdout)
-    assert {Path(p).name for p in passed} == {f.name for f in files}
+    assert {ROOT / p for p in passed} == set(files)
 
 
 def test_crd_objects_live_in_their_own_files(k8s):
