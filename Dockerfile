@@ -43,7 +43,9 @@ RUN apt-get update \
 COPY --from=build /opt/venv /opt/venv
 # CNN_SERVING_DEVICE=cuda: on the GPU or a one-line error and exit 2, never a quiet CPU
 # fallback; `-e CNN_SERVING_DEVICE=auto` allows the CPU (logged and exported as a metric).
+# HOME=/tmp: the user has no home, and CUDA's kernel cache wants a writable one.
 ENV PATH=/opt/venv/bin:$PATH \
+    HOME=/tmp \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     PYTHONSAFEPATH=1 \
@@ -53,5 +55,7 @@ USER 10001:10001
 EXPOSE 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "service", "health", "--server", "127.0.0.1:8001", "--timeout-s", "4"]
+# `python -m service serve --repository /models` on CNN_SERVING_DEVICE (cuda): not `--device`
+# here, which would win over the variable. Other subcommands: `docker run IMAGE health ...`.
 ENTRYPOINT ["python", "-m", "service"]
 CMD ["serve", "--repository", "/models"]
