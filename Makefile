@@ -13,7 +13,7 @@ DEMO_MODEL  ?= fashion
 DEMO_EPOCHS ?= 3
 DEMO_PORT   ?= 18001
 
-.PHONY: install test lint format protos demo demo-serve demo-score demo-data clean
+.PHONY: install test lint format protos demo demo-serve demo-score demo-data prometheus-tools clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install
+test: install prometheus-tools
 	$(BIN)/python -m pytest
 
 lint: install
@@ -46,6 +46,19 @@ demo-data:
 	  echo "installing Debian's dataset-fashion-mnist ..."; \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	    || echo "could not install dataset-fashion-mnist"; \
+	fi
+
+# Debian's prometheus (prometheus + promtool) for tests/deploy when we can install it (root +
+# apt). Without it those tests fail where this could have installed it, and skip (saying why)
+# where it could not.
+prometheus-tools:
+	@if command -v prometheus >/dev/null 2>&1 && command -v promtool >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's prometheus (for tests/deploy) ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends prometheus >/dev/null) || echo "could not install prometheus"; \
+	else \
+	  echo "NOTE: prometheus/promtool missing (not root or no apt): tests/deploy skips the Prometheus tests"; \
 	fi
 
 demo: install demo-data

@@ -131,8 +131,9 @@ def bench(name: str, folder: Path, repo: Path, args: argparse.Namespace) -> dict
     engine = local_engine(folder, repo, name, args)
     log.info("%s: naive loop on %d files", name, args.naive_files)
     naive = naive_loop(RUNS / name, paths[: args.naive_files])
+    parameters = spec.metadata.get("training", {}).get("parameters", 0)
     return {"model": name, "files": len(paths), "engine": engine, "naive_images_per_s": naive,
-            "ceiling_images_per_s": ceiling, "parameters": spec.metadata.get("training", {}).get("parameters", 0),
+            "ceiling_images_per_s": ceiling, "parameters": parameters,
             "arch": spec.metadata.get("arch")}  # fmt: skip
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 
 from service.errors import InvalidInput
 from service.images import check_tensor, decode, tensor_from_bytes
-from tests.service.conftest import png
+from tests.conftest import png
 
 GRAY = (28, 28, 1)
 RGB = (32, 32, 3)

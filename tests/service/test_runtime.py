@@ -14,7 +14,7 @@ import pytest
 from service.errors import ConfigError, ModelLoadError
 from service.repository import read_spec, scan
 from service.runtime import CPU, CUDA, Runtime, Session
-from tests.service.conftest import MODEL, reference
+from tests.conftest import MODEL, reference
 
 
 def cuda_really_works(repo: Path) -> bool:

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from service.scoring import table as tables
-from tests.service.conftest import MODEL, ROOT, reference
+from tests.conftest import MODEL, ROOT, reference
 from tests.service.scoring_tree import Tree, encode, make_tree
 
 
@@ -318,7 +318,7 @@ def test_a_table_of_another_version_is_not_mixed_in(local, tree, private_repo, t
 
 
 def test_remote_engine_rides_out_a_server_restart(many, repository, tmp_path):
-    from tests.service.conftest import start_server
+    from tests.conftest import start_server
 
     first = start_server(repository)
     out = tmp_path / "scores.parquet"

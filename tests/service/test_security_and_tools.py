@@ -15,7 +15,7 @@ import pytest
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.client import Client, ClientError
-from tests.service.conftest import MODEL, ROOT, Served, png, reference, start_server
+from tests.conftest import MODEL, ROOT, Served, png, reference, start_server
 
 GRPCURL = Path(sys.executable).with_name("grpcurl")
 

@@ -6,21 +6,19 @@ import asyncio
 import shutil
 import signal
 import time
-import urllib.request
 from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from prometheus_client.parser import text_string_to_metric_families
 
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as v2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import Client, ClientError
-from tests.service.conftest import MODEL, Served, png, reference, start_server
+from tests.conftest import MODEL, Served, png, reference, scrape, start_server
 from tests.service.test_images import bomb_png
 
 
@@ -152,13 +150,6 @@ async def _hammer(target: str, x: np.ndarray, n: int) -> list[pb.ClassifyRespons
             return await stub.Classify(pb.ClassifyRequest(model=MODEL, images=[image]), timeout=60)
 
         return await asyncio.gather(*(one(i) for i in range(n)))
-
-
-def scrape(served: Served) -> dict[str, list]:
-    url = f"http://127.0.0.1:{served.metrics_port}/metrics"
-    with urllib.request.urlopen(url, timeout=10) as response:
-        text = response.read().decode()
-    return {f.name: f.samples for f in text_string_to_metric_families(text)}
 
 
 def sample(metrics: dict[str, list], family: str, name: str, **labels) -> float:

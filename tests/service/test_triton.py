@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tests.service.conftest import MODEL, Served, png, reference
+from tests.conftest import MODEL, Served, png, reference
 
 PROBE = Path(__file__).with_name("triton_probe.py")
 
