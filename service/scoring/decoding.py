@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import stat
+import threading
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,3 +67,20 @@ def read_error(exc: OSError) -> str:
 def ready() -> int:
     """A task that only proves a worker process is up (its imports done)."""
     return os.getpid()
+
+
+def watch_parent(pid: int, every_s: float = 1.0) -> None:
+    """A worker's initializer: exit when the job's process `pid` is gone (killed with -9, say),
+    instead of lingering as an orphan."""
+
+    def watch() -> None:
+        while True:
+            time.sleep(every_s)
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                os._exit(0)
+            except PermissionError:  # the pid now belongs to someone else's process
+                os._exit(0)
+
+    threading.Thread(target=watch, name="watch-parent", daemon=True).start()

@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import logging
 import multiprocessing
+import os
 import re
-import time
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -31,7 +32,14 @@ from service.errors import InvalidInput, ScoringError
 from service.predictions import Prediction, failed
 from service.repository import ModelSpec
 from service.runtime import Runtime, Session
-from service.scoring.decoding import Decoded, check_regular, decode_files, read_error, ready
+from service.scoring.decoding import (
+    Decoded,
+    check_regular,
+    decode_files,
+    read_error,
+    ready,
+    watch_parent,
+)
 from service.scoring.files import Item
 
 log = logging.getLogger(__name__)
@@ -113,12 +121,9 @@ class LocalEngine:
 
     def _start(self) -> ProcessPoolExecutor:
         """The decoding processes, started and ready (so a job's throughput is not its
-        start-up). forkserver: they never inherit onnxruntime's threads from this process."""
+        start-up)."""
         if self._pool is None:
-            context = multiprocessing.get_context("forkserver")
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
-            for started in [self._pool.submit(ready) for _ in range(self.workers)]:
-                started.result()
+            self._pool = _decoders(self.workers)
         return self._pool
 
     def score(self, items: Sequence[Item]) -> Iterator[Result]:
@@ -126,36 +131,74 @@ class LocalEngine:
             try:
                 decoded = future.result()
             except BrokenProcessPool:  # a decoder died (a crash in a native library, OOM)
-                decoded = self._one_by_one(batch)
+                decoded = self._recover(batch)
             yield scored(batch, decoded, self.session)
 
     def _submit(self, batch: Sequence[Item]) -> Future[Decoded]:
-        paths = [item.path for item in batch]
-        return self._start().submit(decode_files, paths, self.spec.image_shape, self.max_pixels)
+        return self._start().submit(decode_files, _paths(batch), *self._decoding)
 
-    def _one_by_one(self, batch: Sequence[Item]) -> Decoded:
-        """Find the file that kills decoders: each file alone in a fresh pool."""
+    @property
+    def _decoding(self) -> tuple[tuple[int, int, int], int]:
+        return self.spec.image_shape, self.max_pixels
+
+    def _recover(self, batch: Sequence[Item]) -> Decoded:
+        """After a decoder died, every batch in flight failed with it: each is tried again in
+        a fresh pool, and the batch that kills that one too is decoded file by file, each file
+        alone in a process of its own, so only the culprit becomes an error row."""
+        try:
+            retry = self._submit(batch)
+        except BrokenProcessPool:  # the current pool is the broken one: replace it
+            self._discard()
+            retry = self._submit(batch)
+        try:
+            return retry.result()
+        except BrokenProcessPool:
+            self._discard()
+        log.warning(
+            "a decoder crashed in a batch of %d files; decoding them one by one", len(batch)
+        )
         arrays, good, errors = [], [], {}
         for position, item in enumerate(batch):
-            self.close()
-            try:
-                one = self._submit([item]).result()
-            except BrokenProcessPool:
-                errors[position] = "the image decoder crashed on this file"
-                continue
+            with _decoders(1) as alone:
+                try:
+                    one = alone.submit(decode_files, [item.path], *self._decoding).result()
+                except BrokenProcessPool:
+                    errors[position] = "the image decoder crashed on this file"
+                    continue
             if one.good:
                 arrays.append(one.pixels[0])
                 good.append(position)
             else:
                 errors[position] = one.errors[0]
-        self.close()
         pixels = np.stack(arrays) if arrays else np.empty((0, *self.spec.image_shape), np.uint8)
         return Decoded(pixels, good, errors)
+
+    def _discard(self) -> None:
+        """Drop a broken pool (its futures have all failed already)."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._pool = None
+
+
+def _paths(batch: Sequence[Item]) -> list[str]:
+    return [item.path for item in batch]
+
+
+def _decoders(workers: int) -> ProcessPoolExecutor:
+    """`workers` decoding processes, started. forkserver: they never inherit onnxruntime's
+    threads from this process; each exits by itself if this process is killed."""
+    context = multiprocessing.get_context("forkserver")
+    pool = ProcessPoolExecutor(
+        workers, mp_context=context, initializer=watch_parent, initargs=(os.getpid(),)
+    )
+    for started in [pool.submit(ready) for _ in range(workers)]:
+        started.result()
+    return pool
 
 
 # ---- remote
@@ -202,6 +245,7 @@ class RemoteEngine:
         self.budget = max_message_bytes - _OVERHEAD_BYTES
         self.retries = retries
         self._pool: ThreadPoolExecutor | None = None
+        self._stop = threading.Event()  # set by close(): retries end at once
 
     def score(self, items: Sequence[Item]) -> Iterator[Result]:
         self._pool = self._pool or ThreadPoolExecutor(self.workers, "score-remote")
@@ -270,6 +314,7 @@ class RemoteEngine:
                 lambda: self.client.classify(images, self.model, self.version, top_k=1),
                 self.retries,
                 f"--server {self.client.target}",
+                self._stop,
             )
         except ClientError as exc:  # over the server's message limit: smaller requests
             if len(images) == 1:
@@ -279,15 +324,24 @@ class RemoteEngine:
             return self._classify(images[:half]) + self._classify(images[half:])
 
     def close(self) -> None:
+        """Stop: queued batches are dropped and retry pauses end (an interrupted job does not
+        wait out the back-off); calls in flight end when the client's channel closes."""
+        self._stop.set()
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=False, cancel_futures=True)
             self._pool = None
 
 
-def retrying(call: Callable[[], T], retries: int, where: str) -> T:
-    """`call()`, again after 0.1, 0.2, 0.4 ... 5 s while the failure is transient (RETRIED).
-    A message over the size limit raises its ClientError at once; anything else, or no success
-    after `retries` retries, is a ScoringError."""
+class Pause(Protocol):
+    def wait(self, timeout: float) -> bool: ...
+
+    def is_set(self) -> bool: ...
+
+
+def retrying(call: Callable[[], T], retries: int, where: str, stop: Pause) -> T:
+    """`call()`, again after 0.1, 0.2, 0.4 ... 5 s while the failure is transient (RETRIED),
+    unless `stop` is set. A message over the size limit raises its ClientError at once;
+    anything else, or no success after `retries` retries, is a ScoringError."""
     attempt = 0
     while True:
         try:
@@ -295,11 +349,12 @@ def retrying(call: Callable[[], T], retries: int, where: str) -> T:
         except ClientError as exc:
             if _too_large(exc):
                 raise
-            if exc.code not in RETRIED or attempt >= retries:
+            if exc.code not in RETRIED or attempt >= retries or stop.is_set():
                 raise ScoringError(f"{where}: {exc}") from None
             pause = min(5.0, 0.1 * 2**attempt)
             log.warning("%s: %s; retrying in %.1f s", where, exc.code.name, pause)
-            time.sleep(pause)
+            if stop.wait(pause):
+                raise ScoringError(f"{where}: {exc}") from None
             attempt += 1
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,6 +34,7 @@ class Walk:
     items: list[Item] = field(default_factory=list)
     skipped: int = 0  # files not named like images
     unreadable_folders: list[str] = field(default_factory=list)
+    links_followed: int = 0  # folders walked through a link
 
 
 def walk(root: Path, recursive: bool = True) -> Walk:
@@ -44,7 +46,7 @@ def walk(root: Path, recursive: bool = True) -> Walk:
     seen = {(top.st_dev, top.st_ino)}
     links: list[tuple[str, tuple[str, ...]]] = []
     _walk(str(root.resolve()), (), recursive, seen, links, found)
-    while links:  # breadth of links: each may hold more links
+    while links:  # each may hold more links
         path, parts = links.pop(0)
         try:
             stat = os.stat(path)
@@ -54,6 +56,7 @@ def walk(root: Path, recursive: bool = True) -> Walk:
             log.info("not entering %s again (a link to a folder already walked)", path)
             continue
         seen.add((stat.st_dev, stat.st_ino))
+        found.links_followed += 1
         _walk(path, parts, recursive, seen, links, found)
     return found
 
@@ -66,30 +69,41 @@ def _walk(
     links: list[tuple[str, tuple[str, ...]]],
     found: Walk,
 ) -> None:
-    try:
-        with os.scandir(folder) as scan:
-            entries = sorted(scan, key=lambda e: e.name)
-    except OSError as exc:
-        log.warning("cannot list %s: %s", folder, exc.strerror)
-        found.unreadable_folders.append(_key(parts) or ".")
-        return
-    for entry in entries:
-        if _is_folder(entry):
+    """Depth first without recursion (a tree may be deeper than Python's stack): a stack of
+    the folders being listed, each with its remaining entries."""
+    stack = [(parts, _entries(folder, parts, found))]
+    while stack:
+        where, entries = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+        elif _is_folder(entry):
             if not recursive:
                 continue
             if entry.is_symlink():
-                links.append((entry.path, (*parts, entry.name)))
+                links.append((entry.path, (*where, entry.name)))
                 continue
             stat = entry.stat()
             if (stat.st_dev, stat.st_ino) in seen:  # already walked through a link
                 continue
             seen.add((stat.st_dev, stat.st_ino))
-            _walk(entry.path, (*parts, entry.name), recursive, seen, links, found)
+            inner = (*where, entry.name)
+            stack.append((inner, _entries(entry.path, inner, found)))
         elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
-            key = _key((*parts, entry.name))
-            found.items.append(Item(key, entry.path, _key(parts[-1:])))
+            key = _key((*where, entry.name))
+            found.items.append(Item(key, entry.path, _key(where[-1:])))
         else:
             found.skipped += 1
+
+
+def _entries(folder: str, parts: tuple[str, ...], found: Walk) -> Iterator[os.DirEntry]:
+    try:
+        with os.scandir(folder) as scan:
+            return iter(sorted(scan, key=lambda e: e.name))
+    except OSError as exc:
+        log.warning("cannot list %s: %s", folder, exc.strerror)
+        found.unreadable_folders.append(_key(parts) or ".")
+        return iter(())
 
 
 def _is_folder(entry: os.DirEntry) -> bool:
@@ -100,13 +114,23 @@ def _is_folder(entry: os.DirEntry) -> bool:
 
 
 def _key(parts: tuple[str, ...]) -> str:
-    # A name that is not valid UTF-8 keeps its bytes visible as \xNN escapes, so the table
-    # (Parquet strings are UTF-8) can always hold it and a resumed run finds the same key.
-    return "/".join(os.fsencode(p).decode("utf-8", "backslashreplace") for p in parts)
+    return "/".join(_name(p) for p in parts)
+
+
+def _name(name: str) -> str:
+    """A file name as the table shows it: valid UTF-8 as is; a byte that is not valid UTF-8 as
+    \\xNN, and so a literal backslash as \\\\ (two names can never show the same). Parquet
+    strings are UTF-8, and a resumed run must find the same key."""
+    if name.isascii() and "\\" not in name:
+        return name
+    return "".join(
+        "\\\\" if c == "\\" else f"\\x{ord(c) - 0xDC00:02x}" if "\udc80" <= c <= "\udcff" else c
+        for c in name
+    )
 
 
 def _normal(name: str) -> str:
-    return re.sub(r"[^0-9a-z]+", "", name.casefold())
+    return re.sub(r"[\W_]+", "", name.casefold())
 
 
 def label_matcher(labels: tuple[str, ...]) -> dict[str, str]:
@@ -114,10 +138,11 @@ def label_matcher(labels: tuple[str, ...]) -> dict[str, str]:
     punctuation ("T-shirt-top" and "t_shirt top" both name "T-shirt/top")."""
     matcher: dict[str, str] = {}
     for label in labels:
-        matcher.setdefault(_normal(label), label)
+        if _normal(label):
+            matcher.setdefault(_normal(label), label)
     return matcher
 
 
 def true_label(item: Item, matcher: dict[str, str]) -> str | None:
     """The label named by the folder holding the item, if any."""
-    return matcher.get(_normal(item.folder)) if item.folder else None
+    return matcher.get(_normal(item.folder)) if _normal(item.folder) else None

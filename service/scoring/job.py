@@ -12,6 +12,7 @@ same command resumes.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,9 @@ def run(config: ScoreConfig, client: Client | None = None) -> dict[str, Any]:
     engine = make_engine(config, client)
     try:
         return _score(config, engine, fmt, directory)
+    except OSError as exc:  # the output side: a full disk, a read-only folder, ...
+        where = exc.filename or config.out
+        raise ScoringError(f"cannot write {where}: {exc.strerror or exc}") from None
     finally:
         engine.close()
 
@@ -62,7 +66,10 @@ def _check_out(out: Path, directory: Path) -> None:
         )
     if where.is_dir():
         raise ScoringError(f"--out {out} is a directory; name a file")
-    where.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        where.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ScoringError(f"--out {out}: cannot create its folder: {exc.strerror}") from None
 
 
 def model_spec(repository: Path, name: str, version: int) -> ModelSpec:
@@ -112,8 +119,16 @@ def make_engine(config: ScoreConfig, client: Client | None) -> Engine:
 
 def _score(config: ScoreConfig, engine: Engine, fmt: str, directory: Path) -> dict[str, Any]:
     found = walk(directory, config.recursive)
+    if found.links_followed:  # a link inside DIR may lead to this job's own outputs
+        ours = {os.path.realpath(path) for path in (config.out, *companions(config.out))}
+        found.items = [i for i in found.items if os.path.realpath(i.path) not in ours]
     items = found.items[: config.limit or None]
-    job = {"directory": str(directory), "model": engine.model, "version": engine.version}
+    job = {
+        "directory": str(directory),
+        "recursive": config.recursive,
+        "model": engine.model,
+        "version": engine.version,
+    }
     store = ChunkStore(config.out, fmt, job)
     done = store.open(config.overwrite)
     try:
@@ -122,12 +137,15 @@ def _score(config: ScoreConfig, engine: Engine, fmt: str, directory: Path) -> di
         started = time.monotonic()
         new = _score_items(config, engine, store, items, todo)
         seconds = time.monotonic() - started
-        final = _in_walk_order(pa.concat_tables([done, *new]), items)
+        # Rows of files beyond --limit stay (a smaller limit never deletes work); rows of files
+        # gone from DIR go.
+        final = _in_walk_order(pa.concat_tables([done, *new]), found.items)
         store.finish(final)
     finally:
         store.close()
     facts = {
         "directory": str(directory),
+        "recursive": config.recursive,
         "output": str(config.out),
         "format": fmt,
         "engine": engine.kind,
@@ -207,8 +225,7 @@ def _kept(written: list[pa.Table]) -> str:
 
 
 def _in_walk_order(rows: pa.Table, items: list[Item]) -> pa.Table:
-    """The rows of the files in `items`, in the walk's order (rows of files gone from the
-    folder, or beyond --limit, are left out)."""
+    """The rows of the files in `items`, in the walk's order."""
     position = {item.key: i for i, item in enumerate(items)}
     places = np.array([position.get(key, -1) for key in rows["path"].to_pylist()], dtype=np.int64)
     keep = np.flatnonzero(places >= 0)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -86,6 +87,8 @@ class RayEngine:
         self.device_policy = device
         self._started = False
         if not self.ray.is_initialized():
+            if address and address != "auto":
+                _probe(address)
             try:
                 self.ray.init(
                     address=address,
@@ -128,6 +131,20 @@ class RayEngine:
         if self._started:
             self.ray.shutdown()
             self._started = False
+
+
+def _probe(address: str, timeout_s: float = 10.0) -> None:
+    """Fail in one line when a cluster address does not answer (Ray itself retries for
+    minutes)."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        raise ScoringError(f"--ray-address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ScoringError(
+            f"--ray-address {address}: cannot connect: {exc.strerror or exc}"
+        ) from None
 
 
 def _result(batch: dict[str, np.ndarray]) -> Result:

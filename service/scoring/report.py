@@ -76,6 +76,9 @@ def summary_line(summary: dict[str, Any]) -> str:
     )
     if summary["accuracy"] is not None:
         line += f"; accuracy {summary['accuracy']:.4f} on {summary['labelled']:,} labelled"
+    if summary.get("unreadable_folders"):
+        folders = summary["unreadable_folders"]
+        line += f"; WARNING: {len(folders):,} folders could not be listed: {', '.join(folders[:3])}"
     return line
 
 

@@ -15,6 +15,7 @@ atomically and FILE.parts/ is removed.
 from __future__ import annotations
 
 import fcntl
+import glob
 import json
 import logging
 import os
@@ -50,17 +51,24 @@ class ChunkStore:
     # ---- life cycle
 
     def open(self, overwrite: bool) -> pa.Table:
-        """Take the lock and return the rows already done (an empty table when starting)."""
+        """Take the lock and return the rows already done (an empty table when starting).
+        Every check runs before anything is written, so a refused run leaves no trace."""
         self.parts.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
             if overwrite:
                 self._remove_previous()
-            self._check_job()
-            for stale in self.parts.glob(".*.tmp-*"):  # a chunk a crash left half-written
-                stale.unlink()
+            self._remove_temporaries()
+            before = self._read_job()
+            if before is not None and before != self.job:
+                raise ScoringError(_mismatch(self.out, before, self.job))
             done = self._read_done()
+            if before is None:
+                with tables.atomically(self.parts / "job.json") as temporary:
+                    temporary.write_text(json.dumps(self.job, indent=2), encoding="utf-8")
         except BaseException:
+            if not self._chunks():  # nothing scored here yet: leave no folder behind
+                shutil.rmtree(self.parts, ignore_errors=True)
             self.close()
             raise
         self._next = 1 + max((_number(p) for p in self._chunks()), default=0)
@@ -97,17 +105,22 @@ class ChunkStore:
                 f"another scoring job is writing {self.out} (lock {self.parts / 'lock'})"
             ) from None
 
-    def _check_job(self) -> None:
-        path = self.parts / "job.json"
+    def _read_job(self) -> dict[str, Any] | None:
         try:
-            before = json.loads(path.read_text(encoding="utf-8"))
+            job = json.loads((self.parts / "job.json").read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            before = None  # a new job (or a file a crash cut short: written again below)
-        if before is not None and before != self.job:
-            raise ScoringError(_mismatch(self.out, before, self.job))
-        if before is None:
-            with tables.atomically(path) as temporary:
-                temporary.write_text(json.dumps(self.job, indent=2), encoding="utf-8")
+            return None  # a new job
+        return job if isinstance(job, dict) else None
+
+    def _remove_temporaries(self) -> None:
+        """What a crash left half-written: chunks, and FILE or its companions (we hold the
+        lock, so no other job is writing them)."""
+        stale = [
+            *self.parts.glob(".*.tmp-*"),
+            *self.out.parent.glob(f".{glob.escape(self.out.name)}*.tmp-*"),
+        ]
+        for path in stale:
+            path.unlink(missing_ok=True)
 
     def _read_done(self) -> pa.Table:
         parts = []
@@ -170,6 +183,8 @@ def _number(chunk: Path) -> int:
 def _first_per_path(done: pa.Table) -> pa.Table:
     """Each path once (a crash between writing FILE and removing the chunks leaves rows in
     both)."""
+    if not done.num_rows:
+        return done
     indices = pa.table({"path": done["path"], "i": pa.array(range(done.num_rows))})
     first = indices.group_by("path").aggregate([("i", "min")])["i_min"]
     return done.take(sorted(first.to_pylist()))

@@ -140,6 +140,8 @@ def write(table: pa.Table, path: Path, fmt: str) -> None:
 
 def read(path: Path, fmt: str) -> pa.Table:
     """A table written by `write` (in any format) as SCHEMA."""
+    if fmt != "parquet" and path.stat().st_size == 0:  # no rows (and, in CSV, no header)
+        return empty()
     if fmt == "parquet":
         return pq.read_table(path, schema=SCHEMA)
     if fmt == "csv":

@@ -93,13 +93,19 @@ def _awkward(tree: Tree, image: np.ndarray) -> None:
     exif[0x0112] = 6  # rotated: displayed turned 90 degrees
     tree.add("awkward/rotated.jpg", encode(rgb, "JPEG", exif=exif), "ok")
     tree.add("awkward/one_pixel.png", encode(Image.new("L", (1, 1), 200), "PNG"), "ok")
-    tree.add("awkward/large.jpg", encode(rgb.resize((4000, 3000)), "JPEG", quality=80), "ok")
+    noise = np.random.default_rng(0).integers(0, 256, (3000, 4000, 3), dtype=np.uint8)
+    large = encode(Image.fromarray(noise), "JPEG", quality=90)
+    assert len(large) > 1 << 20  # decoded from the open file, not from bytes in memory
+    tree.add("awkward/large.jpg", large, "ok")
     tree.add("awkward/UPPER.PNG", encode(gray, "PNG"), "ok")
     tree.add("awkward/été_👕 ünïcode.png", encode(gray, "PNG"), "ok")
     raw_name = os.path.join(os.fsencode(tree.root / "awkward"), b"latin1-\xe9.png")
     with open(raw_name, "wb") as out:  # a name that is not valid UTF-8
         out.write(encode(gray, "PNG"))
     tree.expected["awkward/latin1-\\xe9.png"] = "ok"
+    # A name with a literal backslash that would read the same: its backslash is doubled.
+    (tree.root / "awkward" / "latin1-\\xe9.png").write_bytes(encode(gray, "PNG"))
+    tree.expected["awkward/latin1-\\\\xe9.png"] = "ok"
 
 
 def _not_images(tree: Tree) -> None:

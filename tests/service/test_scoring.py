@@ -214,6 +214,12 @@ def test_limit_and_no_recursive(local, tree, repository, tmp_path):
         (["IN", "--repository", "REPO", "--out", "IN/inside.parquet"], "is inside"),
         (["IN", "--repository", "REPO", "--out", "OUT/scores.xlsx"], ".parquet, .csv or .jsonl"),
         (["IN", "--repository", "REPO", "--server", "x:1"], "not both"),
+        (
+            ["IN", "--repository", "REPO", "--engine", "ray", "--ray-address", "127.0.0.1:1"],
+            "--ray-address 127.0.0.1:1: cannot connect",
+        ),
+        (["IN", "--repository", "REPO", "--out", "IN/top.png/x.parquet"], "is inside"),
+        (["IN", "--repository", "REPO", "--out", "/proc/scores.parquet"], "cannot"),
     ],
 )
 def test_one_line_errors(args, message, tree, repository, tmp_path):
@@ -224,7 +230,7 @@ def test_one_line_errors(args, message, tree, repository, tmp_path):
         args += ["--model", MODEL]
     if "--out" not in args:
         args += ["--out", str(tmp_path / "scores.parquet")]
-    done = score(*args)
+    done = score(*args, "--device", "cpu")  # (auto would add a line: no CUDA here)
     assert done.returncode == 2, done
     assert done.stderr.count("\n") == 1 and done.stderr.startswith("error: "), done.stderr
     assert message in done.stderr
@@ -357,3 +363,76 @@ def test_a_table_of_another_folder_is_not_taken_for_this_one(local, tree, reposi
     done = score(str(other), "--model", MODEL, "--repository", str(repository), "--out", str(out))
     assert done.returncode == 2
     assert "holds the results of another job (directory" in done.stderr
+    assert not (tmp_path / "scores.parquet.parts").exists()  # a refused run leaves no trace
+
+
+def test_an_empty_folder_gives_an_empty_table_again_and_again(repository, tmp_path):
+    (tmp_path / "empty").mkdir()
+    for suffix in ("parquet", "csv", "jsonl"):
+        out = tmp_path / f"scores.{suffix}"
+        for _ in range(2):
+            summary = succeed(str(tmp_path / "empty"), "--model", MODEL, "--repository",
+                              str(repository), "--out", str(out))  # fmt: skip
+            assert summary["counts"]["images"] == 0 and rows(out).num_rows == 0
+
+
+def test_a_limit_extends_and_never_deletes_work(local, tree, repository, tmp_path):
+    out = tmp_path / "scores.parquet"
+    base = [str(tree.root), "--model", MODEL, "--repository", str(repository), "--out", str(out)]
+    assert succeed(*base, "--limit", "5")["this_run"]["scored"] == 5
+    summary = succeed(*base, "--limit", "12")
+    assert (summary["this_run"]["scored"], summary["this_run"]["already_done"]) == (7, 5)
+    succeed(*base)
+    same_rows(out, local[0])
+    assert succeed(*base, "--limit", "3")["this_run"]["scored"] == 0
+    same_rows(out, local[0])  # still every row
+    done = score(*base, "--no-recursive")
+    assert done.returncode == 2 and "(recursive True -> False)" in done.stderr
+
+
+CRASHER = """
+import importlib.abc, importlib.util, os, sys
+
+class Crash(importlib.abc.MetaPathFinder):
+    # In decoding worker processes: decoding a file named *crash* kills the process, as a
+    # segfault in a native decoder would.
+    def find_spec(self, name, path=None, target=None):
+        if name != "service.scoring.decoding":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+        def exec_module(module):
+            run(module)
+            real = module.decode_file
+            def decode_file(path, *args):
+                if "crash" in os.path.basename(path):
+                    os._exit(3)
+                return real(path, *args)
+            module.decode_file = decode_file
+        spec.loader.exec_module = exec_module
+        return spec
+
+sys.meta_path.insert(0, Crash())
+"""
+
+
+def test_a_file_that_kills_its_decoder_is_an_error_row(many, repository, tmp_path):
+    import shutil
+
+    folder = tmp_path / "in"
+    shutil.copytree(many / "Bag", folder / "Bag")
+    victim = sorted((folder / "Bag").iterdir())[30]
+    victim.rename(victim.with_name("crash.png"))
+    hook = tmp_path / "hook" / "sitecustomize.py"
+    hook.parent.mkdir()
+    hook.write_text(CRASHER)
+    out = tmp_path / "scores.parquet"
+    done = score(str(folder), "--model", MODEL, "--repository", str(repository), "--out",
+                 str(out), "--batch-size", "8", "--workers", "2",
+                 env={"PYTHONPATH": str(hook.parent)})  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    table = rows(out).to_pylist()
+    assert len(table) == len(list((folder / "Bag").iterdir()))
+    errors = {r["path"]: r["error"] for r in table if r["error"]}
+    assert errors == {"Bag/crash.png": "the image decoder crashed on this file"}

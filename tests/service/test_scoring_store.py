@@ -83,14 +83,25 @@ def test_walk_order_links_and_class_folders(tmp_path):
     assert true_label(Item("s/1.png", "", "sandal"), matcher) is None
 
 
-def test_retrying_waits_out_unavailable_and_gives_up_on_the_rest(monkeypatch):
+def test_retrying_waits_out_unavailable_and_gives_up_on_the_rest():
     import grpc
 
     from service.client import ClientError
     from service.scoring import engines
 
     pauses: list[float] = []
-    monkeypatch.setattr(engines.time, "sleep", pauses.append)
+
+    class Stop:  # records the pauses instead of waiting
+        stopped = False
+
+        def wait(self, seconds):
+            pauses.append(seconds)
+            return self.stopped
+
+        def is_set(self):
+            return self.stopped
+
+    stop = Stop()
     answers = iter(
         [
             ClientError(grpc.StatusCode.UNAVAILABLE, "down"),
@@ -105,16 +116,20 @@ def test_retrying_waits_out_unavailable_and_gives_up_on_the_rest(monkeypatch):
             raise answer
         return answer
 
-    assert engines.retrying(call, 5, "--server s:1") == "done"
+    assert engines.retrying(call, 5, "--server s:1", stop) == "done"
     assert pauses == [0.1, 0.2]
     with pytest.raises(ScoringError, match="--server s:1: INVALID_ARGUMENT: no"):
-        engines.retrying(_raise(grpc.StatusCode.INVALID_ARGUMENT, "no"), 5, "--server s:1")
+        engines.retrying(_raise(grpc.StatusCode.INVALID_ARGUMENT, "no"), 5, "--server s:1", stop)
     with pytest.raises(ScoringError, match="UNAVAILABLE"):
-        engines.retrying(_raise(grpc.StatusCode.UNAVAILABLE, "down"), 3, "--server s:1")
+        engines.retrying(_raise(grpc.StatusCode.UNAVAILABLE, "down"), 3, "--server s:1", stop)
     assert pauses[2:] == [0.1, 0.2, 0.4]  # then it gives up
+    stop.stopped = True  # the job is stopping: no more retries
+    with pytest.raises(ScoringError, match="UNAVAILABLE"):
+        engines.retrying(_raise(grpc.StatusCode.UNAVAILABLE, "down"), 3, "--server s:1", stop)
+    assert pauses[5:] == []
     with pytest.raises(ClientError):  # too large: the caller splits the request
         message = "Received message larger than max (9 vs. 4)"
-        engines.retrying(_raise(grpc.StatusCode.RESOURCE_EXHAUSTED, message), 3, "s")
+        engines.retrying(_raise(grpc.StatusCode.RESOURCE_EXHAUSTED, message), 3, "s", stop)
 
 
 def _raise(code, message):
@@ -124,3 +139,16 @@ def _raise(code, message):
         raise ClientError(code, message)
 
     return call
+
+
+def test_walk_goes_deeper_than_the_python_stack_and_matches_any_script(tmp_path):
+    folder = tmp_path
+    for _ in range(1200):  # (pathlib's mkdir(parents=True) itself recurses too deep)
+        folder = folder / "d"
+        folder.mkdir()
+    (folder / "deep.png").write_bytes(b"")
+    assert [i.key for i in walk(tmp_path).items] == ["d/" * 1200 + "deep.png"]
+    matcher = label_matcher(("猫", "犬", "!!!"))
+    assert true_label(Item("犬/1.png", "", "犬"), matcher) == "犬"
+    assert true_label(Item("写真/1.png", "", "写真"), matcher) is None
+    assert true_label(Item("x/1.png", "", "???"), matcher) is None
