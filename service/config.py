@@ -114,6 +114,7 @@ class ScoreConfig:
     limit: int = 0  # 0: every file; N: the first N image files of the walk
     overwrite: bool = False
     device: str = "auto"
+    intra_op_threads: int = 0  # local engine; 0: the cores the decoders leave, at least 1
     max_image_pixels: int = 50_000_000
     max_message_bytes: int = 64 * MiB
     chunk_rows: int = 1000  # rows per chunk written while the job runs
@@ -133,6 +134,7 @@ class ScoreConfig:
             (self.workers >= 0, "--workers must be >= 0 (0: automatic)"),
             (self.limit >= 0, "--limit must be >= 0 (0: every file)"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.intra_op_threads >= 0, "--intra-op-threads must be >= 0"),
             (self.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
             (self.max_message_bytes >= 1024 * 1024, "--max-message-bytes must be at least 1 MiB"),
             (self.chunk_rows >= 1 and self.chunk_interval_s > 0, "chunks must be positive"),

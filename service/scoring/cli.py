@@ -72,6 +72,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         where, "--device", "local and ray engines: as for serve", choices=DEVICES, default="auto"
     )
+    add_option(
+        where,
+        "--intra-op-threads",
+        "local engine: onnxruntime threads; 0: the cores the decoding processes leave, at "
+        "least 1 (more only fight the decoders for the same cores)",
+        type=int,
+        default=0,
+    )
     job = p.add_argument_group("the job")
     add_option(job, "--batch-size", "images per inference (or per request)", type=int, default=64)
     add_option(

@@ -113,7 +113,12 @@ def make_engine(config: ScoreConfig, client: Client | None) -> Engine:
             config.max_image_pixels,
         )
     return LocalEngine(
-        spec, config.device, config.workers, config.batch_size, config.max_image_pixels
+        spec,
+        config.device,
+        config.workers,
+        config.batch_size,
+        config.max_image_pixels,
+        config.intra_op_threads,
     )
 
 

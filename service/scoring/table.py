@@ -54,14 +54,18 @@ def output_format(path: Path) -> str:
 
 
 class Rows:
-    """Collects rows column by column; `table()` makes them a pyarrow Table of SCHEMA."""
+    """Collects rows a batch at a time, each batch built column-wise from its arrays (no
+    per-row Python objects: this runs in the loop that feeds the model); `table()` joins them
+    into one pyarrow Table of SCHEMA."""
 
     def __init__(self, model: str, version: int, labels: tuple[str, ...]) -> None:
-        self.model, self.version, self.labels = model, version, labels
-        self.columns: dict[str, list] = {name: [] for name in SCHEMA.names}
+        self.model, self.version = model, version
+        self.labels = pa.array(labels, pa.string())
+        self._parts: list[pa.Table] = []
+        self._count = 0
 
     def __len__(self) -> int:
-        return len(self.columns["path"])
+        return self._count
 
     def scored(
         self,
@@ -70,40 +74,50 @@ class Rows:
         probabilities: np.ndarray,  # (N, K) float32
         bottleneck: np.ndarray,  # (N, 2) float32
     ) -> None:
-        probabilities = np.asarray(probabilities, dtype=np.float32)
-        best = np.argmax(probabilities, axis=1)  # the first of equal maxima, as the service
-        count = len(keys)
-        c = self.columns
-        c["path"] += keys
-        c["label"] += [self.labels[i] for i in best]
-        c["label_index"] += best.tolist()
-        c["confidence"] += probabilities[np.arange(count), best].tolist()
-        c["probabilities"] += list(probabilities)
-        c["bottleneck_x"] += np.asarray(bottleneck[:, 0], dtype=np.float32).tolist()
-        c["bottleneck_y"] += np.asarray(bottleneck[:, 1], dtype=np.float32).tolist()
-        self._common(true_labels, [None] * count)
+        probabilities = np.ascontiguousarray(probabilities, dtype=np.float32)
+        bottleneck = np.asarray(bottleneck, dtype=np.float32)
+        count, classes = probabilities.shape
+        best = np.argmax(probabilities, axis=1).astype(np.int32)  # first of equal maxima
+        offsets = pa.array(np.arange(0, (count + 1) * classes, classes, dtype=np.int32))
+        columns = {
+            "label": self.labels.take(pa.array(best)),
+            "label_index": pa.array(best),
+            "confidence": pa.array(probabilities[np.arange(count), best]),
+            "probabilities": pa.ListArray.from_arrays(offsets, pa.array(probabilities.ravel())),
+            "bottleneck_x": pa.array(bottleneck[:, 0]),
+            "bottleneck_y": pa.array(bottleneck[:, 1]),
+        }
+        self._add(keys, true_labels, [None] * count, columns)
 
     def failed(self, keys: list[str], true_labels: list[str | None], errors: list[str]) -> None:
-        c = self.columns
-        c["path"] += keys
-        for name in ("label", "label_index", "confidence", "probabilities"):
-            c[name] += [None] * len(keys)
-        c["bottleneck_x"] += [None] * len(keys)
-        c["bottleneck_y"] += [None] * len(keys)
-        self._common(true_labels, errors)
+        self._add(keys, true_labels, errors, {})
 
-    def _common(self, true_labels: Sequence[str | None], errors: Sequence[str | None]) -> None:
-        self.columns["model"] += [self.model] * len(errors)
-        self.columns["version"] += [self.version] * len(errors)
-        self.columns["error"] += errors
-        self.columns["true_label"] += true_labels
+    def _add(
+        self,
+        keys: list[str],
+        true_labels: Sequence[str | None],
+        errors: Sequence[str | None],
+        scores: dict[str, pa.Array],
+    ) -> None:
+        count = len(keys)
+        given = {
+            "path": pa.array(keys, pa.string()),
+            "model": pa.array([self.model] * count, pa.string()),
+            "version": pa.array([self.version] * count, pa.int64()),
+            "error": pa.array(errors, pa.string()),
+            "true_label": pa.array(true_labels, pa.string()),
+            **scores,
+        }
+        arrays = [given.get(f.name, pa.nulls(count, f.type)) for f in SCHEMA]
+        self._parts.append(pa.Table.from_arrays(arrays, schema=SCHEMA))
+        self._count += count
 
     def table(self) -> pa.Table:
-        return pa.Table.from_pydict(self.columns, schema=SCHEMA)
+        return pa.concat_tables(self._parts) if self._parts else empty()
 
     def clear(self) -> None:
-        for values in self.columns.values():
-            values.clear()
+        self._parts.clear()
+        self._count = 0
 
 
 def empty() -> pa.Table:
