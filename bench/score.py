@@ -168,7 +168,7 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
         for key, ratio in (("naive", vs_naive), ("ceiling", vs_ceiling)):
             least = TARGETS[key]
             verdict = "PASS" if ratio >= least else "FAIL"
-            checks.append(f"- target {r['model']}: >= {least}x the {key}: {ratio:.2f}x: {verdict}")
+            checks.append(f"- target {r['model']}: >= {least}x the {key}: {ratio:.3f}x: {verdict}")
     return "\n".join([*lines, "", *checks])
 
 
