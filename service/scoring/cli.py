@@ -114,14 +114,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         job,
         "--max-image-pixels",
-        "as for serve: larger images are error rows",
+        "as for serve: larger images are error rows (remote: the server's limit applies, this one "
+        "to files too large for a message, decoded here)",
         type=int,
         default=50_000_000,
     )
     add_option(
         job,
         "--max-message-bytes",
-        "remote engine: largest request, in bytes",
+        "remote engine: largest request, in bytes; a larger file is decoded here and its pixels "
+        "sent",
         type=int,
         default=64 * MiB,
     )

@@ -35,6 +35,7 @@ from service.runtime import Runtime, Session
 from service.scoring.decoding import (
     Decoded,
     check_regular,
+    decode_file,
     decode_files,
     read_error,
     ready,
@@ -45,6 +46,7 @@ from service.scoring.files import Item
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+Image = bytes | np.ndarray  # an encoded file, or (H, W, C) uint8 pixels decoded here
 
 
 @dataclass
@@ -240,6 +242,7 @@ class RemoteEngine:
         workers: int,
         batch_size: int,
         max_message_bytes: int,
+        max_pixels: int = 50_000_000,
         retries: int = 8,
     ) -> None:
         self.client = client
@@ -249,6 +252,8 @@ class RemoteEngine:
             raise ScoringError(f"--server {client.target}: {exc}") from None
         # The version is pinned: a newer one loaded during the job does not mix into the table.
         self.model, self.version, self.labels = info.name, info.version, info.labels
+        self.shape = info.input_shape
+        self.max_pixels = max_pixels
         self.device = f"{client.target} ({', '.join(info.execution_providers)})"
         self.workers = workers or 4
         self.batch_size = batch_size
@@ -284,41 +289,40 @@ class RemoteEngine:
             )
         return result
 
-    def _requests(self, batch: Sequence[Item], result: Result) -> Iterator[list[tuple[str, bytes]]]:
+    def _requests(self, batch: Sequence[Item], result: Result) -> Iterator[list[tuple[str, Image]]]:
         """The batch's readable files, grouped into requests under the message limit."""
-        request: list[tuple[str, bytes]] = []
+        request: list[tuple[str, Image]] = []
         size = 0
         for item in batch:
-            data = self._read(item, result)
-            if data is None:
+            image = self._read(item, result)
+            if image is None:
                 continue
-            if request and size + len(data) > self.budget:
+            nbytes = len(image) if isinstance(image, bytes) else image.nbytes
+            if request and size + nbytes > self.budget:
                 yield request
                 request, size = [], 0
-            request.append((item.key, data))
-            size += len(data)
+            request.append((item.key, image))
+            size += nbytes
         if request:
             yield request
 
-    def _read(self, item: Item, result: Result) -> bytes | None:
+    def _read(self, item: Item, result: Result) -> Image | None:
+        """The file's bytes; a file too large for one message is decoded here instead, by the
+        same policy (raw pixels at the model's size travel instead of the file)."""
         try:
             check_regular(item.path)
             with open(item.path, "rb") as file:
                 data = file.read(self.budget + 1)
+            if len(data) <= self.budget:
+                return data
+            return decode_file(item.path, self.shape, self.max_pixels)
         except OSError as exc:
             result.errors.append((item.key, read_error(exc)))
-            return None
         except InvalidInput as exc:
             result.errors.append((item.key, str(exc)))
-            return None
-        if len(data) > self.budget:
-            result.errors.append(
-                (item.key, f"file larger than a gRPC message may carry ({self.budget:,} bytes)")
-            )
-            return None
-        return data
+        return None
 
-    def _classify(self, images: list[bytes]) -> list[Prediction]:
+    def _classify(self, images: list[Image]) -> list[Prediction]:
         try:
             return retrying(
                 lambda: self.client.classify(images, self.model, self.version, top_k=1),

@@ -97,6 +97,7 @@ def make_engine(config: ScoreConfig, client: Client | None) -> Engine:
             config.workers,
             config.batch_size,
             config.max_message_bytes,
+            config.max_image_pixels,
         )
     if config.repository is None:
         raise ScoringError(f"--engine {config.engine} needs --repository")

@@ -178,8 +178,10 @@ def same_rows(got: Path, expected: Path) -> None:
 
 def test_remote_engine_equals_local(local, tree, server, tmp_path):
     out = tmp_path / "remote.parquet"
+    # 1 MiB messages: awkward/large.jpg (over 1 MiB) is decoded here and sent as pixels.
     summary = succeed(str(tree.root), "--model", MODEL, "--server", server.target,
-                      "--batch-size", "7", "--out", str(out))  # fmt: skip
+                      "--batch-size", "7", "--max-message-bytes", str(1 << 20),
+                      "--out", str(out))  # fmt: skip
     assert summary["engine"] == "remote"
     same_rows(out, local[0])
 
