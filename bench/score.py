@@ -25,13 +25,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import multiprocessing
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +37,8 @@ from PIL import Image
 from prepare import BUILD, MODELS, ROOT, RUNS, SAMPLE, prepare_repository  # bench/prepare.py
 
 from service import repository
-from service.scoring.decoding import decode_files, ready
+from service.scoring.decoding import decode_files
+from service.scoring.engines import batches, decoders
 from service.scoring.files import walk
 from training.data import read_fashion_mnist_dir
 from training.write_images import safe
@@ -91,13 +90,12 @@ def local_engine(folder: Path, repo: Path, name: str, args: argparse.Namespace) 
 
 
 def decode_ceiling(paths: list[str], shape: tuple[int, int, int], args: argparse.Namespace):
-    context = multiprocessing.get_context("forkserver")
-    with ProcessPoolExecutor(args.workers, mp_context=context) as pool:
-        for started in [pool.submit(ready) for _ in range(args.workers)]:
-            started.result()
+    with decoders(args.workers) as pool:  # the engine's own decoding processes, started
         begin = time.perf_counter()
-        batches = [paths[i : i + args.batch_size] for i in range(0, len(paths), args.batch_size)]
-        jobs = [pool.submit(decode_files, batch, shape, 50_000_000) for batch in batches]
+        jobs = [
+            pool.submit(decode_files, batch, shape, 50_000_000)
+            for batch in batches(paths, args.batch_size)
+        ]
         decoded = sum(len(job.result().good) for job in jobs)
         return decoded / (time.perf_counter() - begin)
 

@@ -135,7 +135,7 @@ class LocalEngine:
         """The decoding processes, started and ready (so a job's throughput is not its
         start-up)."""
         if self._pool is None:
-            self._pool = _decoders(self.workers)
+            self._pool = decoders(self.workers)
         return self._pool
 
     def score(self, items: Sequence[Item]) -> Iterator[Result]:
@@ -171,7 +171,7 @@ class LocalEngine:
         )
         arrays, good, errors = [], [], {}
         for position, item in enumerate(batch):
-            with _decoders(1) as alone:
+            with decoders(1) as alone:
                 try:
                     one = alone.submit(decode_files, [item.path], *self._decoding).result()
                 except BrokenProcessPool:
@@ -201,7 +201,7 @@ def _paths(batch: Sequence[Item]) -> list[str]:
     return [item.path for item in batch]
 
 
-def _decoders(workers: int) -> ProcessPoolExecutor:
+def decoders(workers: int) -> ProcessPoolExecutor:
     """`workers` decoding processes, started. forkserver: they never inherit onnxruntime's
     threads from this process; each exits by itself if this process is killed."""
     context = multiprocessing.get_context("forkserver")

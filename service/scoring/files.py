@@ -138,11 +138,11 @@ def label_matcher(labels: tuple[str, ...]) -> dict[str, str]:
     punctuation ("T-shirt-top" and "t_shirt top" both name "T-shirt/top")."""
     matcher: dict[str, str] = {}
     for label in labels:
-        if _normal(label):
-            matcher.setdefault(_normal(label), label)
+        matcher.setdefault(_normal(label), label)
+    matcher.pop("", None)  # a label of punctuation alone names no folder
     return matcher
 
 
 def true_label(item: Item, matcher: dict[str, str]) -> str | None:
     """The label named by the folder holding the item, if any."""
-    return matcher.get(_normal(item.folder)) if _normal(item.folder) else None
+    return matcher.get(_normal(item.folder))  # never "": the top folder names no class
