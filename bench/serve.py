@@ -1,6 +1,6 @@
 """Serving benchmark: the real gRPC server against a compute and a transport ceiling.
 
-    .venv/bin/python bench/serve.py                        # both models, 8 s per scenario
+    .venv/bin/python bench/serve.py                        # all three models, 8 s per scenario
     .venv/bin/python bench/serve.py --duration-s 2 --models scratch --json build/bench.json
 
 For each model the real server (`python -m service serve`) runs as a subprocess; a separate
@@ -9,6 +9,10 @@ requests carrying real Fashion-MNIST pixels as a UINT8 [n, H, W, C] raw tensor. 
 and 64 closed-loop clients sending single images, 8 clients sending batches of 32, and an
 open-loop run at half the peak single-image rate (latency counted from each request's scheduled
 send time, so a stalled client cannot hide queueing). Each runs a 1 s warm-up, not counted.
+Client-side latencies include the gRPC round trip; "server p99" is the server's own
+cnn_serving_request_duration_seconds over the measured window, read the way Prometheus's
+histogram_quantile() reads it (receipt of the RPC to its answer). The open-loop run is repeated
+against the bare transport server at the same rate, so the round trip's own p99 is known.
 
 Ceilings, measured in the same run: compute is in-process onnxruntime on the same model.onnx at
 the mean batch size the server formed; transport is a bare grpc.aio server that answers every
@@ -18,9 +22,10 @@ they hardly move when the shared machine speeds up or slows down.
 
 Without --repository, models are trained for 1 epoch on the committed sample
 tests/data/fashion-mnist and exported to build/bench-models (reused when present): their accuracy
-is meaningless, only their speed matters. The VGG16 model has a random, frozen base
-(--base-weights none); it computes exactly as much as the ImageNet one. Both share one 2-core box
-with the client process here, so absolute numbers are modest; the ratios are the point.
+is meaningless, only their speed matters. Models: `seed` and `scratch` (the scratch family's seed
+network, 4,320 parameters, and its default network, 390k) and `vgg16`, whose random frozen base
+(--base-weights none) computes exactly as much as the ImageNet one. Server and client share one
+2-core box here, so absolute numbers are modest; the ratios are the point.
 """
 
 from __future__ import annotations
