@@ -11,7 +11,7 @@ import asyncio
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
+STREAM_WINDOW = 16  # messages of one stream answered concurrently; answers stay in order
 
 
 @dataclass
@@ -173,6 +174,60 @@ def stream(api: str) -> Callable[..., Any]:
         return method
 
     return wrap
+
+
+async def ordered(
+    requests: AsyncIterator[Req],
+    answer: Callable[[Req], Coroutine[Any, Any, Resp]],
+    window: int = STREAM_WINDOW,
+) -> AsyncIterator[Resp]:
+    """Answer the messages of a request stream up to `window` at once (so they batch with each
+    other and with other callers), yielding the answers in the order the requests came."""
+    pending: asyncio.Queue[asyncio.Task[Resp] | None] = asyncio.Queue(window)
+
+    async def read() -> None:
+        try:
+            async for request in requests:
+                await pending.put(asyncio.create_task(answer(request)))
+        finally:
+            await pending.put(None)
+
+    reader = asyncio.create_task(read())
+    try:
+        while (task := await pending.get()) is not None:
+            yield await task
+        await reader
+    finally:
+        reader.cancel()
+        while not pending.empty():
+            leftover = pending.get_nowait()
+            if leftover is not None:
+                leftover.cancel()
+
+
+async def one_message(
+    calls: Calls,
+    call: Call,
+    context: grpc.aio.ServicerContext,
+    handle: Callable[[Call], Awaitable[Resp]],
+    failed: Callable[[ServingError], Resp],
+) -> Resp:
+    """One message of a stream, counted and recorded like a unary call. A ServingError becomes
+    the message's own error answer (`failed`), so the stream goes on; only a drain
+    (UNAVAILABLE from `enter`) ends the stream."""
+    calls.enter()
+    code = grpc.StatusCode.OK
+    try:
+        return await handle(call)
+    except ServingError as exc:
+        code = exc.code
+        return failed(exc)
+    except BaseException as exc:
+        code = status(exc, context)
+        raise
+    finally:
+        calls.leave()
+        calls.record(call, code)
 
 
 def deadline(context: grpc.aio.ServicerContext) -> float | None:

@@ -3,10 +3,9 @@ bottleneck, or its own error; protobuf <-> engine types are converted here and n
 
 from __future__ import annotations
 
-import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 import grpc
 
@@ -16,10 +15,9 @@ from service.engine import ImageInput, LoadedModel
 from service.errors import InvalidInput, ServingError, shorten
 from service.images import tensor_from_bytes
 from service.predictions import Prediction
-from service.servicers.calls import Call, Calls, deadline, status, stream, unary
+from service.servicers.calls import Call, Calls, deadline, one_message, ordered, stream, unary
 
 API = "classifier.v1"
-STREAM_WINDOW = 16  # requests of one stream computed concurrently; answers stay in order
 
 
 def decode_images(
@@ -92,49 +90,23 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
     async def ClassifyStream(  # type: ignore[no-untyped-def]
         self, requests: AsyncIterator[pb.ClassifyRequest], context
     ):
-        pending: asyncio.Queue[asyncio.Task[pb.ClassifyResponse] | None] = asyncio.Queue(
-            STREAM_WINDOW
-        )
+        def failed(model: str) -> Callable[[ServingError], pb.ClassifyResponse]:
+            return lambda exc: pb.ClassifyResponse(
+                model=shorten(model), error=pb.Error(code=exc.code.name, message=str(exc))
+            )
 
-        async def read() -> None:
-            try:
-                async for request in requests:
-                    await pending.put(asyncio.create_task(self._one(request, context)))
-            finally:
-                await pending.put(None)
+        async def answer(request: pb.ClassifyRequest) -> pb.ClassifyResponse:
+            call = Call(API, "ClassifyStream", started=time.monotonic())
+            return await one_message(
+                self.calls,
+                call,
+                context,
+                lambda call: self._classify(request, context, call),
+                failed(request.model),
+            )
 
-        reader = asyncio.create_task(read())
-        try:
-            while (task := await pending.get()) is not None:
-                yield await task
-            await reader
-        finally:
-            reader.cancel()
-            while not pending.empty():
-                leftover = pending.get_nowait()
-                if leftover is not None:
-                    leftover.cancel()
-
-    async def _one(
-        self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ClassifyResponse:
-        """One message of a stream: its own error in the response, so the stream goes on;
-        only a drain (UNAVAILABLE) ends the stream."""
-        call = Call(API, "ClassifyStream", started=time.monotonic())
-        self.calls.enter()
-        code = grpc.StatusCode.OK
-        try:
-            return await self._classify(request, context, call)
-        except ServingError as exc:
-            code = exc.code
-            failed = pb.Error(code=exc.code.name, message=str(exc))
-            return pb.ClassifyResponse(model=shorten(request.model), error=failed)
-        except BaseException as exc:
-            code = status(exc, context)
-            raise
-        finally:
-            self.calls.leave()
-            self.calls.record(call, code)
+        async for response in ordered(requests, answer):
+            yield response
 
     @unary(API)
     async def ListModels(self, request, context, call):  # type: ignore[no-untyped-def]

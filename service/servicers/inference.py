@@ -3,8 +3,10 @@ ModelConfig and ModelStatistics, so tritonclient, perf_analyzer and KServe clien
 
 from __future__ import annotations
 
+import time
 from importlib import metadata
 
+import grpc
 import numpy as np
 
 from service._proto.inference import grpc_predict_v2_pb2 as pb
@@ -12,7 +14,7 @@ from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.engine import LoadedModel
 from service.errors import InvalidInput, ServingError
 from service.servicers import v2_codec
-from service.servicers.calls import Call, Calls, deadline, unary
+from service.servicers.calls import Call, Calls, deadline, one_message, ordered, stream, unary
 
 API = "inference.v2"
 EXTENSIONS = ["model_configuration", "statistics"]
@@ -84,6 +86,34 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary(API)
     async def ModelInfer(self, request, context, call):  # type: ignore[no-untyped-def]
+        return await self._infer(request, context, call)
+
+    @stream(API)
+    async def ModelStreamInfer(self, requests, context):  # type: ignore[no-untyped-def]
+        """Triton's streaming inference: one response per request, in request order; a request
+        that fails gets its `error_message` and the stream goes on."""
+
+        def failed(exc: ServingError) -> pb.ModelStreamInferResponse:
+            return pb.ModelStreamInferResponse(error_message=f"[{exc.code.name}] {exc}")
+
+        async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
+            call = Call(API, "ModelStreamInfer", started=time.monotonic())
+
+            async def infer(call: Call) -> pb.ModelStreamInferResponse:
+                response = await self._infer(request, context, call)
+                if _flag(request, "triton_enable_empty_final_response"):
+                    # Every answer here is its request's only one, so it is also its final one.
+                    response.parameters["triton_final_response"].bool_param = True
+                return pb.ModelStreamInferResponse(infer_response=response)
+
+            return await one_message(self.calls, call, context, infer, failed)
+
+        async for response in ordered(requests, answer):
+            yield response
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, call: Call
+    ) -> pb.ModelInferResponse:
         model = self._model(request.model_name, request.model_version, call)
         names = v2_codec.requested_outputs(request, model.spec)
         if request.inputs and request.inputs[0].shape:  # before converting any data
@@ -98,6 +128,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             images = np.stack(decoded)  # type: ignore[arg-type]
         outputs = await self.engine.infer(model, images, deadline(context))
         return v2_codec.encode_response(request, model.spec, names, outputs)
+
+
+def _flag(request: pb.ModelInferRequest, name: str) -> bool:
+    return name in request.parameters and request.parameters[name].bool_param
 
 
 def _statistics(model: LoadedModel) -> pb.ModelStatistics:

@@ -47,6 +47,14 @@ def test_tritonclient_works_unchanged(
     np.testing.assert_allclose(answers["uint8"]["bottleneck"], want["bottleneck"][:5], atol=1e-4)
     np.testing.assert_allclose(answers["bytes"]["bottleneck"], want["bottleneck"][5:8], atol=1e-4)
     assert answers["bytes"]["probabilities"] is True  # not requested, not sent
+    # The stream: one answer per request, in order, the bad one an error that did not end it.
+    stream = answers["stream"]
+    assert [a.get("id") for a in stream] == ["r0", "r1", None, "r2", "r3", "r4"]
+    assert "[NOT_FOUND] model 'no-such-model' is not loaded" in stream[2]["error"]
+    good = [a for a in stream if "error" not in a]
+    np.testing.assert_allclose([a["probabilities"][0] for a in good], want["probabilities"][:5],
+                               atol=1e-6)  # fmt: skip
+    assert [a["final"] for a in good] == [None, None, None, None, True]
     assert answers["error"]["status"] == "StatusCode.NOT_FOUND"
     assert "model 'no-such-model' is not loaded" in answers["error"]["message"]
     stats = answers["statistics"]["model_stats"][0]

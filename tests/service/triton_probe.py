@@ -44,7 +44,39 @@ def main(target: str, model: str, images_file: str, png_dir: str) -> dict:
         client.infer("no-such-model", [pixels])
     except InferenceServerException as exc:
         answers["error"] = {"status": exc.status(), "message": exc.message()}
+    answers["stream"] = stream(client, model, images)
     answers["statistics"] = client.get_inference_statistics(model, as_json=True)
+    return answers
+
+
+def stream(client: triton.InferenceServerClient, model: str, images: np.ndarray) -> list:
+    """start_stream / async_stream_infer: one image per request, a bad model name in the
+    middle, the last request asking for Triton's final-response flag."""
+    answers: list = []
+
+    def received(result, error) -> None:  # type: ignore[no-untyped-def]
+        if error is not None:
+            answers.append({"error": error.message()})
+            return
+        response = result.get_response()
+        final = response.parameters.get("triton_final_response")
+        answers.append({
+            "id": response.id,
+            "probabilities": result.as_numpy("probabilities").tolist(),
+            "final": final.bool_param if final is not None else None,
+        })  # fmt: skip
+
+    client.start_stream(callback=received)
+    for i, image in enumerate(images):
+        pixels = triton.InferInput("images", [1, *image.shape], "UINT8")
+        pixels.set_data_from_numpy(image[np.newaxis])
+        last = i == len(images) - 1
+        client.async_stream_infer(
+            model, [pixels], request_id=f"r{i}", enable_empty_final_response=last
+        )
+        if i == 1:
+            client.async_stream_infer("no-such-model", [pixels], request_id="bad")
+    client.stop_stream()  # waits for every answer
     return answers
 
 

@@ -64,6 +64,11 @@ class GRPCInferenceServiceStub:
                 request_serializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
                 response_deserializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
                 _registered_method=True)
+        self.ModelStreamInfer = channel.stream_stream(
+                '/inference.GRPCInferenceService/ModelStreamInfer',
+                request_serializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+                response_deserializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
+                _registered_method=True)
         self.ModelConfig = channel.unary_unary(
                 '/inference.GRPCInferenceService/ModelConfig',
                 request_serializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelConfigRequest.SerializeToString,
@@ -118,6 +123,14 @@ class GRPCInferenceServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ModelStreamInfer(self, request_iterator, context):
+        """Triton extension: inference over one bidirectional stream, one response per request, in
+        request order. A request that fails gets `error_message` and the stream goes on.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ModelConfig(self, request, context):
         """Triton extension: the model's configuration (batching limits, tensors).
         """
@@ -164,6 +177,11 @@ def add_GRPCInferenceServiceServicer_to_server(servicer, server):
                     servicer.ModelInfer,
                     request_deserializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
                     response_serializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferResponse.SerializeToString,
+            ),
+            'ModelStreamInfer': grpc.stream_stream_rpc_method_handler(
+                    servicer.ModelStreamInfer,
+                    request_deserializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.FromString,
+                    response_serializer=service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.SerializeToString,
             ),
             'ModelConfig': grpc.unary_unary_rpc_method_handler(
                     servicer.ModelConfig,
@@ -338,6 +356,33 @@ class GRPCInferenceService:
             '/inference.GRPCInferenceService/ModelInfer',
             service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
             service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ModelStreamInfer(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/inference.GRPCInferenceService/ModelStreamInfer',
+            service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelInferRequest.SerializeToString,
+            service_dot___proto_dot_inference_dot_grpc__predict__v2__pb2.ModelStreamInferResponse.FromString,
             options,
             channel_credentials,
             insecure,
