@@ -25,7 +25,7 @@ from service.config import ServeConfig, channel_options
 from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
-from service.servicers.calls import Calls
+from service.servicers.calls import Calls, wellformed_requests
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.inference import InferenceServicer
 
@@ -55,6 +55,29 @@ class TokenAuth(grpc.aio.ServerInterceptor):
             return await continuation(details)
         handler = await continuation(details)
         return _refuse(handler)
+
+
+class WellFormed(grpc.aio.ServerInterceptor):
+    """Requests of our own services that are not valid protobuf reach their handler as
+    `Malformed` (answered INVALID_ARGUMENT) instead of failing inside gRPC as UNKNOWN."""
+
+    def __init__(self, services: tuple[str, ...]) -> None:
+        self._prefixes = tuple(f"/{service}/" for service in services)
+        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        method = details.method
+        wrapped = self._handlers.get(method)
+        if wrapped is None:
+            handler = await continuation(details)
+            if handler is None or not method.startswith(self._prefixes):
+                return handler
+            wrapped = self._handlers[method] = wellformed_requests(handler, method)
+        return wrapped
 
 
 def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
@@ -101,7 +124,13 @@ class Server:
         """Bind, load the repository (health NOT_SERVING until done), then report ready."""
         config = self.config
         token = config.auth_token()
-        interceptors = [TokenAuth(token)] if token else []
+        ours = (
+            classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
+            grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+        )
+        interceptors: list[grpc.aio.ServerInterceptor] = [WellFormed(ours)]
+        if token:
+            interceptors.insert(0, TokenAuth(token))
         server = grpc.aio.server(
             interceptors=interceptors, options=channel_options(config.max_message_bytes)
         )
@@ -112,8 +141,7 @@ class Server:
         classifier_pb2_grpc.add_ClassifierServicer_to_server(ClassifierServicer(self.calls), server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
         services = (
-            classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
-            grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
+            *ours,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         )

@@ -16,15 +16,49 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from service.engine import Engine, Stats
-from service.errors import ServingError, Unavailable
+from service.errors import InvalidInput, ServingError, Unavailable, shorten
 
 log = logging.getLogger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 STREAM_WINDOW = 16  # messages of one stream answered concurrently; answers stay in order
+
+
+class Malformed:
+    """What a request that is not a valid message of its type deserializes to (see
+    `wellformed_requests`), so that it is answered INVALID_ARGUMENT like any bad data, and in a
+    stream fails alone, instead of gRPC's own UNKNOWN for a deserializer error."""
+
+    def __init__(self, method: str, reason: str) -> None:
+        self.error = InvalidInput(
+            f"{method}: the request is not a valid protobuf message ({reason})"
+        )
+
+
+def wellformed(request: object) -> None:
+    if isinstance(request, Malformed):
+        raise request.error
+
+
+def wellformed_requests(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` with a request deserializer that returns `Malformed` instead of raising.
+    Only for our own servicers, whose handlers check for it (`unary`, `one_message`)."""
+    parse = handler.request_deserializer
+    if parse is None:
+        return handler
+    name = method.rsplit("/", 1)[-1]
+
+    def deserialize(data: bytes) -> object:
+        try:
+            return parse(data)
+        except DecodeError as exc:
+            return Malformed(name, shorten(str(exc) or "cannot be parsed"))
+
+    return handler._replace(request_deserializer=deserialize)  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -122,6 +156,8 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
             call = Call(api, handler.__name__, started=time.monotonic())
             code = grpc.StatusCode.OK
             if while_draining:
+                if isinstance(request, Malformed):
+                    await context.abort(request.error.code, str(request.error))
                 return await handler(self, request, context, call)
             try:
                 calls.enter()
@@ -130,6 +166,7 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
                 calls.record(call, code)
                 await context.abort(exc.code, str(exc))
             try:
+                wellformed(request)
                 return await handler(self, request, context, call)
             except BaseException as exc:
                 code = status(exc, context)
@@ -209,15 +246,17 @@ async def one_message(
     calls: Calls,
     call: Call,
     context: grpc.aio.ServicerContext,
+    request: object,
     handle: Callable[[Call], Awaitable[Resp]],
     failed: Callable[[ServingError], Resp],
 ) -> Resp:
-    """One message of a stream, counted and recorded like a unary call. A ServingError becomes
-    the message's own error answer (`failed`), so the stream goes on; only a drain
-    (UNAVAILABLE from `enter`) ends the stream."""
+    """One message of a stream, counted and recorded like a unary call. A ServingError (a
+    malformed `request` too) becomes the message's own error answer (`failed`), so the stream
+    goes on; only a drain (UNAVAILABLE from `enter`) ends the stream."""
     calls.enter()
     code = grpc.StatusCode.OK
     try:
+        wellformed(request)
         return await handle(call)
     except ServingError as exc:
         code = exc.code

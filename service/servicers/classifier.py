@@ -101,8 +101,9 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 self.calls,
                 call,
                 context,
+                request,
                 lambda call: self._classify(request, context, call),
-                failed(request.model),
+                failed(getattr(request, "model", "")),
             )
 
         async for response in ordered(requests, answer):

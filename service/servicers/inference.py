@@ -12,7 +12,7 @@ import numpy as np
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
 from service.engine import LoadedModel
-from service.errors import InvalidInput, ServingError
+from service.errors import InvalidInput, ServingError, shorten
 from service.servicers import v2_codec
 from service.servicers.calls import Call, Calls, deadline, one_message, ordered, stream, unary
 
@@ -68,6 +68,11 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary(API)
     async def ModelStatistics(self, request, context, call):  # type: ignore[no-untyped-def]
+        if request.version and not request.name:
+            raise InvalidInput(
+                f"statistics of version {shorten(request.version)!r} of which model? "
+                "(a version needs a model name)"
+            )
         if request.name:
             if request.version:
                 models = [self._model(request.name, request.version, call)]
@@ -93,11 +98,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         """Triton's streaming inference: one response per request, in request order; a request
         that fails gets its `error_message` and the stream goes on."""
 
-        def failed(exc: ServingError) -> pb.ModelStreamInferResponse:
-            return pb.ModelStreamInferResponse(error_message=f"[{exc.code.name}] {exc}")
-
         async def answer(request: pb.ModelInferRequest) -> pb.ModelStreamInferResponse:
             call = Call(API, "ModelStreamInfer", started=time.monotonic())
+
+            def failed(exc: ServingError) -> pb.ModelStreamInferResponse:
+                # The request's id comes back with its error, so a client knows which failed.
+                return pb.ModelStreamInferResponse(
+                    error_message=f"[{exc.code.name}] {exc}",
+                    infer_response=pb.ModelInferResponse(id=getattr(request, "id", "")),
+                )
 
             async def infer(call: Call) -> pb.ModelStreamInferResponse:
                 response = await self._infer(request, context, call)
@@ -106,7 +115,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     response.parameters["triton_final_response"].bool_param = True
                 return pb.ModelStreamInferResponse(infer_response=response)
 
-            return await one_message(self.calls, call, context, infer, failed)
+            return await one_message(self.calls, call, context, request, infer, failed)
 
         async for response in ordered(requests, answer):
             yield response
@@ -116,9 +125,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     ) -> pb.ModelInferResponse:
         model = self._model(request.model_name, request.model_version, call)
         names = v2_codec.requested_outputs(request, model.spec)
-        if request.inputs and request.inputs[0].shape:  # before converting any data
-            self.engine.check_count(model, request.inputs[0].shape[0])
-        images = v2_codec.decode_input(request, model.spec)
+        tensor, raw = v2_codec.image_tensor(request, model.spec)
+        if tensor.shape:  # before converting any data
+            self.engine.check_count(model, tensor.shape[0])
+        images = v2_codec.decode_input(tensor, raw, model.spec)
         call.images = len(images)
         if isinstance(images, list):  # encoded files: all must decode (V2 has no per-image error)
             decoded = await self.engine.decode(model, images)

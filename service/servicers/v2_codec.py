@@ -32,8 +32,11 @@ def parse_version(name: str, text: str) -> int | None:
     return version
 
 
-def decode_input(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray | list[bytes]:
-    """The request's image tensor: (N, H, W, C) uint8, or N encoded files."""
+def image_tensor(
+    request: pb.ModelInferRequest, spec: ModelSpec
+) -> tuple[pb.ModelInferRequest.InferInputTensor, bytes | None]:
+    """The request's one input tensor and its raw contents, if any, checked for name, datatype
+    and where its data is, before any data is looked at."""
     where = f"model {spec.name!r} version {spec.version}"
     if len(request.inputs) != 1:
         raise InvalidInput(
@@ -44,23 +47,40 @@ def decode_input(request: pb.ModelInferRequest, spec: ModelSpec) -> np.ndarray |
         raise InvalidInput(
             f"{where}: unknown input {shorten(tensor.name)!r}; the input is {spec.input_name!r}"
         )
-    raw = None
-    if request.raw_input_contents:
-        if len(request.raw_input_contents) != 1:
-            raise InvalidInput(
-                f"{where}: {len(request.raw_input_contents)} raw_input_contents for 1 input"
-            )
-        raw = request.raw_input_contents[0]
+    if tensor.datatype not in ("UINT8", "BYTES"):
+        h, w, c = spec.image_shape
+        raise InvalidInput(
+            f"{where}: input datatype {shorten(tensor.datatype)!r} is not supported; send UINT8 "
+            f"[N, {h}, {w}, {c}] pixels or BYTES [N] encoded images"
+        )
+    if not request.raw_input_contents:
+        return tensor, None
+    if len(request.raw_input_contents) != 1:
+        raise InvalidInput(
+            f"{where}: {len(request.raw_input_contents)} raw_input_contents for 1 input"
+        )
+    if tensor.contents.ListFields():
+        raise InvalidInput(
+            f"{where}: input {spec.input_name!r} has both raw_input_contents and typed "
+            "contents; send one of them"
+        )
+    return tensor, request.raw_input_contents[0]
+
+
+def decode_input(
+    tensor: pb.ModelInferRequest.InferInputTensor, raw: bytes | None, spec: ModelSpec
+) -> np.ndarray | list[bytes]:
+    """The image tensor (from `image_tensor`): (N, H, W, C) uint8, or N encoded files."""
+    where = f"model {spec.name!r} version {spec.version}"
     shape = tuple(tensor.shape)
     if tensor.datatype == "UINT8":
         return _uint8_input(tensor, raw, shape, spec, where)
-    if tensor.datatype == "BYTES":
-        return _bytes_input(tensor, raw, shape, where)
-    h, w, c = spec.image_shape
-    raise InvalidInput(
-        f"{where}: input datatype {tensor.datatype!r} is not supported; send UINT8 "
-        f"[N, {h}, {w}, {c}] pixels or BYTES [N] encoded images"
-    )
+    return _bytes_input(tensor, raw, shape, where)
+
+
+def _shape(shape: tuple[int, ...]) -> str:
+    """A client's shape as it may appear in a message (gRPC trailers are small)."""
+    return shorten(str(list(shape)), 60)
 
 
 def _uint8_input(
@@ -73,21 +93,22 @@ def _uint8_input(
     if len(shape) != 4 or shape[1:] != spec.image_shape or shape[0] < 1:
         h, w, c = spec.image_shape
         raise InvalidInput(
-            f"{where}: UINT8 input shape must be [N, {h}, {w}, {c}], got {list(shape)}"
+            f"{where}: UINT8 input shape must be [N, {h}, {w}, {c}], got {_shape(shape)}"
         )
     count = math.prod(shape)
     if raw is not None:
         if len(raw) != count:
             raise InvalidInput(
-                f"{where}: UINT8 {list(shape)} needs {count:,} bytes, "
+                f"{where}: UINT8 {_shape(shape)} needs {count:,} bytes, "
                 f"raw_input_contents has {len(raw):,}"
             )
         return np.frombuffer(raw, dtype=np.uint8).reshape(shape)
-    values = np.asarray(tensor.contents.uint_contents, dtype=np.uint32)
-    if values.size != count:
+    contents = tensor.contents.uint_contents
+    if len(contents) != count:  # before converting: the count is free, a conversion is not
         raise InvalidInput(
-            f"{where}: UINT8 {list(shape)} needs {count:,} values, contents has {values.size:,}"
+            f"{where}: UINT8 {_shape(shape)} needs {count:,} values, contents has {len(contents):,}"
         )
+    values = np.asarray(contents, dtype=np.uint32)
     if values.size and values.max() > 255:
         raise InvalidInput(f"{where}: UINT8 contents hold a value above 255")
     return values.astype(np.uint8).reshape(shape)
@@ -100,17 +121,22 @@ def _bytes_input(
     where: str,
 ) -> list[bytes]:
     if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)) or shape[0] < 1:
-        raise InvalidInput(f"{where}: BYTES input shape must be [N] or [N, 1], got {list(shape)}")
-    items = _unpack_bytes(raw, where) if raw is not None else list(tensor.contents.bytes_contents)
-    if len(items) != shape[0]:
-        raise InvalidInput(f"{where}: BYTES shape {list(shape)} but {len(items)} elements sent")
-    return items
+        raise InvalidInput(f"{where}: BYTES input shape must be [N] or [N, 1], got {_shape(shape)}")
+    count = shape[0]
+    if raw is not None:
+        return _unpack_bytes(raw, count, where)
+    items = tensor.contents.bytes_contents
+    if len(items) != count:
+        raise InvalidInput(f"{where}: BYTES shape {_shape(shape)} but {len(items):,} elements sent")
+    return list(items)
 
 
-def _unpack_bytes(raw: bytes, where: str) -> list[bytes]:
-    """V2 raw BYTES: each element is a 4-byte little-endian length, then that many bytes."""
-    items, offset = [], 0
-    while offset < len(raw):
+def _unpack_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
+    """V2 raw BYTES: each element is a 4-byte little-endian length, then that many bytes.
+    Reads at most `count` elements, so a buffer of a million empty ones costs nothing."""
+    items: list[bytes] = []
+    offset = 0
+    while offset < len(raw) and len(items) < count:
         if offset + 4 > len(raw):
             raise InvalidInput(f"{where}: malformed raw BYTES tensor (truncated length prefix)")
         (size,) = struct.unpack_from("<I", raw, offset)
@@ -119,6 +145,13 @@ def _unpack_bytes(raw: bytes, where: str) -> list[bytes]:
             raise InvalidInput(f"{where}: malformed raw BYTES tensor (element overruns buffer)")
         items.append(raw[offset : offset + size])
         offset += size
+    if len(items) < count:
+        raise InvalidInput(f"{where}: BYTES shape [{count}] but {len(items):,} elements sent")
+    if offset < len(raw):
+        raise InvalidInput(
+            f"{where}: BYTES shape [{count}] but raw_input_contents holds "
+            f"{len(raw) - offset:,} bytes after element {count - 1}"
+        )
     return items
 
 
@@ -132,7 +165,8 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[st
     names = [output.name for output in request.outputs]
     where = f"model {spec.name!r} version {spec.version}"
     if len(set(names)) != len(names):
-        raise InvalidInput(f"{where}: an output is requested twice: {names}")
+        twice = next(name for name in names if names.count(name) > 1)
+        raise InvalidInput(f"{where}: output {shorten(twice)!r} is requested twice")
     if any(output.parameters for output in request.outputs):
         raise InvalidInput(
             f"{where}: output parameters (e.g. class_count) are not supported; "

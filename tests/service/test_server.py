@@ -99,7 +99,11 @@ def v2_request(images: np.ndarray, **fields) -> v2.ModelInferRequest:
         (lambda r: setattr(r, "model_version", "latest"), "NOT_FOUND", "no version 'latest'"),
         (lambda r: setattr(r, "model_version", "\u00b2"), "NOT_FOUND", "versions are integers"),
         (lambda r: r.outputs.add(name="bottleneck") and r.outputs.add(name="bottleneck"),
-         "INVALID_ARGUMENT", "an output is requested twice"),
+         "INVALID_ARGUMENT", "output 'bottleneck' is requested twice"),
+        (lambda r: r.inputs[0].contents.uint_contents.extend([0] * 784), "INVALID_ARGUMENT",
+         "both raw_input_contents and typed contents"),
+        (lambda r: setattr(r.inputs[0], "datatype", "Q" * 50_000), "INVALID_ARGUMENT",
+         "is not supported"),  # the message echoes it cut short, within gRPC's limits
         (lambda r: r.outputs.add(name="probabilities").parameters["class_count"].int64_param
          .__class__, "INVALID_ARGUMENT", "output parameters"),
         (lambda r: r.raw_input_contents.__setitem__(0, b"\x00" * 10), "INVALID_ARGUMENT",
@@ -114,6 +118,57 @@ def test_v2_errors_have_precise_codes(server: Served, mutate, code, message):
             v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=10)
     assert caught.value.code().name == code
     assert message in caught.value.details() and "model 'fashion'" in caught.value.details()
+
+
+GARBAGE = b"\xff\xff\xff"  # field 31 with wire type 7: no message of any type parses from it
+
+
+def test_malformed_messages_are_invalid_argument(server: Served):
+    """Bytes that are not a protobuf message of the method's type: INVALID_ARGUMENT (gRPC's own
+    answer would be UNKNOWN), and in a stream only that message fails."""
+    good = v2_request(np.zeros((1, 28, 28, 1), np.uint8), id="a").SerializeToString()
+    wrong_type = v2_request(np.zeros((1, 28, 28, 1), np.uint8), id="b")
+    wrong_type.inputs[0].datatype = "FP32"
+    classify = pb.ClassifyRequest(model=MODEL, images=[pb.Image(encoded=b"x")])
+    with grpc.insecure_channel(server.target) as channel:
+        for method in (
+            "/inference.GRPCInferenceService/ModelInfer",
+            "/inference.GRPCInferenceService/ServerLive",
+            "/classifier.v1.Classifier/Classify",
+        ):
+            with pytest.raises(grpc.RpcError) as caught:
+                channel.unary_unary(method)(GARBAGE, timeout=10)
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT, method
+            assert "not a valid protobuf message" in caught.value.details()
+        v2_stream = channel.stream_stream(
+            "/inference.GRPCInferenceService/ModelStreamInfer",
+            response_deserializer=v2.ModelStreamInferResponse.FromString,
+        )
+        messages = [good, GARBAGE, wrong_type.SerializeToString(), good]
+        answers = list(v2_stream(iter(messages), timeout=30))
+        classify_stream = channel.stream_stream(
+            "/classifier.v1.Classifier/ClassifyStream",
+            response_deserializer=pb.ClassifyResponse.FromString,
+        )
+        classified = list(
+            classify_stream(iter([GARBAGE, classify.SerializeToString()]), timeout=30)
+        )
+        with pytest.raises(grpc.RpcError) as caught:
+            v2_grpc.GRPCInferenceServiceStub(channel).ModelStatistics(
+                v2.ModelStatisticsRequest(version="7"), timeout=10
+            )
+    assert [a.infer_response.id for a in answers] == ["a", "", "b", "a"]
+    bad = "[INVALID_ARGUMENT]"
+    assert [a.error_message[:18] for a in answers] == ["", bad, bad, ""]
+    assert (
+        "ModelStreamInfer: the request is not a valid protobuf message" in answers[1].error_message
+    )
+    assert "datatype 'FP32' is not supported" in answers[2].error_message
+    assert list(answers[3].infer_response.outputs[0].shape) == [1, 10]
+    assert classified[0].error.code == "INVALID_ARGUMENT" and not classified[0].results
+    assert classified[1].results[0].error.code == "INVALID_ARGUMENT"  # b"x": its own error
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "a version needs a model name" in caught.value.details()
 
 
 def test_v2_bytes_tensor_names_the_bad_image(server: Served, sample_images):
