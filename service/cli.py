@@ -40,7 +40,7 @@ def add_option(parser: argparse._ActionsContainer, flag: str, help: str, **kwarg
     parser.add_argument(flag, help=f"{help}{shown} [env {env}]", **kwargs)
 
 
-def connection_options(p: argparse.ArgumentParser) -> None:
+def connection_options(p: argparse._ActionsContainer) -> None:
     add_option(p, "--tls", "connect with TLS", action="store_true")
     add_option(
         p,

@@ -92,6 +92,7 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
 
 
 ENGINES = ("local", "remote", "ray")
+MAX_WORKERS = 256  # decoding processes, requests in flight or actors: more only wait for cores
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class ScoreConfig:
             (self.engine != "remote" or bool(self.server), "--engine remote needs --server"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),
             (self.workers >= 0, "--workers must be >= 0 (0: automatic)"),
+            (self.workers <= MAX_WORKERS, f"--workers must be at most {MAX_WORKERS}"),
             (self.limit >= 0, "--limit must be >= 0 (0: every file)"),
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             (self.intra_op_threads >= 0, "--intra-op-threads must be >= 0"),

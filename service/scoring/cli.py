@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli import ENV_PREFIX, add_option, connection_options, make_client
-from service.config import DEVICES, ENGINES, MiB, ScoreConfig
+from service.config import DEVICES, ENGINES, MAX_WORKERS, MiB, ScoreConfig
 from service.errors import ConfigError
 
 DESCRIPTION = """\
@@ -26,8 +26,12 @@ engines: --repository REPO runs the model here (local); --server HOST:PORT asks 
 cnn-serving server (remote); --engine ray --repository REPO runs it on Ray Data (the extra
 cnn-serving[ray]; DIR and REPO must be readable on every node). Image files: .png .jpg .jpeg
 .jpe .jfif .webp .bmp .dib .tif .tiff .gif in any case; other files are skipped and counted.
-Exit status: 0 when the table is complete (even with error rows), 2 when the job cannot start
-or go on (rows written so far are kept), 130 when interrupted.
+A rerun keeps the rows already done, except those of files changed since they were scored and
+error rows, which are tried again.
+Exit status: 0 when the table is complete (even with error rows); 1 when it is written but some
+folders could not be listed (their files have no new rows; rows from earlier runs are kept and
+checked again next time); 2 when the job cannot start or go on (rows written so far are kept);
+130 when interrupted.
 """
 
 
@@ -45,8 +49,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--out",
-        "output table: .parquet, .csv or .jsonl",
-        type=Path,
+        "output table: .parquet, .csv or .jsonl, outside DIR; FILE.parts/ beside it holds the "
+        "chunks of an unfinished job",
+        type=str,  # a Path would drop a trailing slash, which names a folder
         metavar="FILE",
         required=f"{ENV_PREFIX}OUT" not in os.environ,
     )
@@ -86,7 +91,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         job,
         "--workers",
         "decoding processes (local), requests in flight (remote) or actors (ray); "
-        "0: one per core (remote: 4)",
+        f"0: one per core (remote: 4); at most {MAX_WORKERS}",
         type=int,
         default=0,
     )
@@ -134,7 +139,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
     )
-    connection_options(p)
+    connection_options(p.add_argument_group("connecting to --server (remote engine)"))
 
 
 def config(args: argparse.Namespace) -> ScoreConfig:
@@ -146,6 +151,7 @@ def config(args: argparse.Namespace) -> ScoreConfig:
         for name in ScoreConfig.__dataclass_fields__
         if hasattr(args, name) and name != "engine"
     }
+    values["out"] = _file(values["out"])
     return ScoreConfig(**values, engine=engine)
 
 
@@ -167,4 +173,11 @@ def run(args: argparse.Namespace) -> int:
         )
         return 130
     print(report.summary_line(summary))
-    return 0
+    return 1 if summary.get("unreadable_folders") else 0
+
+
+def _file(text: str) -> Path:
+    """--out: a file's name (a trailing slash names a folder)."""
+    if text.endswith(("/", os.sep)):
+        raise ConfigError(f"--out {text} names a folder; name a file")
+    return Path(text)

@@ -27,6 +27,7 @@ class Item:
     key: str  # the path relative to the input folder, "/"-separated: the row's `path`
     path: str  # where to read it (absolute)
     folder: str  # the name of the folder holding it ("" at the top)
+    linked: bool = False  # reached through a symbolic link (its path is not its real path)
 
 
 @dataclass
@@ -45,7 +46,7 @@ def walk(root: Path, recursive: bool = True) -> Walk:
     top = os.stat(root)
     seen = {(top.st_dev, top.st_ino)}
     links: list[tuple[str, tuple[str, ...]]] = []
-    _walk(str(root.resolve()), (), recursive, seen, links, found)
+    _walk(str(root.resolve()), (), recursive, seen, links, found, linked=False)
     while links:  # each may hold more links
         path, parts = links.pop(0)
         try:
@@ -57,7 +58,7 @@ def walk(root: Path, recursive: bool = True) -> Walk:
             continue
         seen.add((stat.st_dev, stat.st_ino))
         found.links_followed += 1
-        _walk(path, parts, recursive, seen, links, found)
+        _walk(path, parts, recursive, seen, links, found, linked=True)
     return found
 
 
@@ -68,6 +69,7 @@ def _walk(
     seen: set[tuple[int, int]],
     links: list[tuple[str, tuple[str, ...]]],
     found: Walk,
+    linked: bool,
 ) -> None:
     """Depth first without recursion (a tree may be deeper than Python's stack): a stack of
     the folders being listed, each with its remaining entries."""
@@ -89,11 +91,29 @@ def _walk(
             seen.add((stat.st_dev, stat.st_ino))
             inner = (*where, entry.name)
             stack.append((inner, _entries(entry.path, inner, found)))
-        elif os.path.splitext(entry.name)[1].lower() in IMAGE_EXTENSIONS:
+        elif is_image_name(entry.name):
             key = _key((*where, entry.name))
-            found.items.append(Item(key, entry.path, _key(where[-1:])))
+            link = linked or entry.is_symlink()
+            found.items.append(Item(key, entry.path, _key(where[-1:]), link))
         else:
             found.skipped += 1
+
+
+def is_image_name(name: str) -> bool:
+    """Named like an image: an image extension in any case (".png" alone counts too)."""
+    dot = name.rfind(".")
+    return dot >= 0 and name[dot:].lower() in IMAGE_EXTENSIONS
+
+
+def changed_since(path: str, ns: int) -> bool:
+    """Whether the file, or the link naming it, changed after `ns` (time.time_ns()): its
+    status-change time, which every write, rename, chmod or re-link moves to "now" and which,
+    unlike the modification time, no one can set back. A file that cannot be looked at counts
+    as changed."""
+    try:
+        return max(os.lstat(path).st_ctime_ns, os.stat(path).st_ctime_ns) > ns
+    except OSError:
+        return True
 
 
 def _entries(folder: str, parts: tuple[str, ...], found: Walk) -> Iterator[os.DirEntry]:

@@ -1,8 +1,12 @@
 """A directory scoring job from start to finish:
 
-    walk the folder -> skip what is already done -> score the rest in batches (an engine)
-    -> write rows in atomic chunks as they come -> assemble FILE in the walk's order
-    -> FILE.summary.json, FILE.bottleneck.png, one summary line
+    walk the folder -> keep the rows already done that still stand -> score the rest in
+    batches (an engine) -> write rows in atomic chunks as they come -> assemble FILE in the
+    walk's order -> FILE.summary.json, FILE.bottleneck.png, one summary line
+
+A row already done stands unless its file changed since (see files.changed_since) or it is an
+error row of a file this run covers: errors are tried again (a file fixed, a link mended, a
+read that failed for a moment).
 
 `run(config)` returns the summary; it raises ScoringError (or another ServingError) with a
 one-line reason when the job cannot start or go on; rows written until then are kept, and the
@@ -28,10 +32,15 @@ from service.repository import ModelSpec, read_spec, scan
 from service.scoring import report
 from service.scoring import table as tables
 from service.scoring.engines import Engine, LocalEngine, RemoteEngine, Result
-from service.scoring.files import Item, label_matcher, true_label, walk
-from service.scoring.store import ChunkStore, companions
+from service.scoring.files import Item, Walk, changed_since, label_matcher, true_label, walk
+from service.scoring.store import VALID_SINCE, ChunkStore, companions
 
 log = logging.getLogger(__name__)
+
+# File times come from a coarse clock that may lag time.time_ns() by a tick, so a file changed
+# just after the walk could carry a time just before it: taking the walk's time this much
+# earlier sends such a file to be scored again by the next run, rather than never.
+CLOCK_MARGIN_NS = 50_000_000
 
 
 def run(config: ScoreConfig, client: Client | None = None) -> dict[str, Any]:
@@ -41,6 +50,7 @@ def run(config: ScoreConfig, client: Client | None = None) -> dict[str, Any]:
     _check_out(config.out, directory)
     engine = make_engine(config, client)
     try:
+        _make_folder(config.out)  # only now: a refused run leaves nothing behind
         return _score(config, engine, fmt, directory)
     except OSError as exc:  # the output side: a full disk, a read-only folder, ...
         where = exc.filename or config.out
@@ -54,6 +64,11 @@ def _input_folder(directory: Path) -> Path:
         raise ScoringError(f"{directory}: no such directory")
     if not directory.is_dir():
         raise ScoringError(f"{directory}: not a directory")
+    try:
+        with os.scandir(directory):
+            pass
+    except OSError as exc:
+        raise ScoringError(f"{directory}: cannot list it: {exc.strerror}") from None
     return directory.resolve()
 
 
@@ -66,8 +81,11 @@ def _check_out(out: Path, directory: Path) -> None:
         )
     if where.is_dir():
         raise ScoringError(f"--out {out} is a directory; name a file")
+
+
+def _make_folder(out: Path) -> None:
     try:
-        where.parent.mkdir(parents=True, exist_ok=True)
+        out.resolve().parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ScoringError(f"--out {out}: cannot create its folder: {exc.strerror}") from None
 
@@ -124,10 +142,9 @@ def make_engine(config: ScoreConfig, client: Client | None) -> Engine:
 
 
 def _score(config: ScoreConfig, engine: Engine, fmt: str, directory: Path) -> dict[str, Any]:
+    listed_at = time.time_ns() - CLOCK_MARGIN_NS
     found = walk(directory, config.recursive)
-    if found.links_followed:  # a link inside DIR may lead to this job's own outputs
-        ours = {os.path.realpath(path) for path in (config.out, *companions(config.out))}
-        found.items = [i for i in found.items if os.path.realpath(i.path) not in ours]
+    _skip_own_outputs(found, config.out)
     items = found.items[: config.limit or None]
     job = {
         "directory": str(directory),
@@ -135,44 +152,75 @@ def _score(config: ScoreConfig, engine: Engine, fmt: str, directory: Path) -> di
         "model": engine.model,
         "version": engine.version,
     }
-    store = ChunkStore(config.out, fmt, job)
+    store = ChunkStore(config.out, fmt, job, listed_at)
     done = store.open(config.overwrite)
     try:
+        done = _standing(done, found.items, items)
         finished = set(done["path"].to_pylist())
         todo = [item for item in items if item.key not in finished]
         started = time.monotonic()
         new = _score_items(config, engine, store, items, todo)
         seconds = time.monotonic() - started
         # Rows of files beyond --limit stay (a smaller limit never deletes work); rows of files
-        # gone from DIR go.
-        final = _in_walk_order(pa.concat_tables([done, *new]), found.items)
-        store.finish(final)
+        # gone from DIR go, but not those under folders that could not be listed this time.
+        final = _in_walk_order(pa.concat_tables([done, *new]), found)
+        facts = {
+            "directory": str(directory),
+            "recursive": config.recursive,
+            "output": str(config.out),
+            "format": fmt,
+            "engine": engine.kind,
+            "device": engine.device,
+            "model": engine.model,
+            "version": engine.version,
+            "skipped": found.skipped,
+            "unreadable_folders": found.unreadable_folders,
+            "listed_at_ns": listed_at,
+            "this_run": {
+                "scored": len(todo),
+                "already_done": len(items) - len(todo),
+                "seconds": round(seconds, 3),
+                "images_per_second": round(len(todo) / seconds, 1) if seconds > 0 else 0.0,
+            },
+        }
+        summary = report.summarize(final, engine.labels, facts)
+
+        def write_companions() -> None:
+            summary_path, plot_path = companions(config.out)
+            report.write_summary(summary, summary_path)
+            title = f"{engine.model} v{engine.version}: {directory.name or directory}"
+            report.plot_bottleneck(final, engine.labels, title, plot_path)
+
+        store.finish(final, write_companions)
     finally:
         store.close()
-    facts = {
-        "directory": str(directory),
-        "recursive": config.recursive,
-        "output": str(config.out),
-        "format": fmt,
-        "engine": engine.kind,
-        "device": engine.device,
-        "model": engine.model,
-        "version": engine.version,
-        "skipped": found.skipped,
-        "unreadable_folders": found.unreadable_folders,
-        "this_run": {
-            "scored": len(todo),
-            "already_done": len(items) - len(todo),
-            "seconds": round(seconds, 3),
-            "images_per_second": round(len(todo) / seconds, 1) if seconds > 0 else 0.0,
-        },
-    }
-    summary = report.summarize(final, engine.labels, facts)
-    summary_path, plot_path = companions(config.out)
-    report.write_summary(summary, summary_path)
-    title = f"{engine.model} v{engine.version}: {directory.name or directory}"
-    report.plot_bottleneck(final, engine.labels, title, plot_path)
     return summary
+
+
+def _skip_own_outputs(found: Walk, out: Path) -> None:
+    """A link inside DIR may lead to this job's own outputs (FILE, its summary or plot): they
+    are counted as skipped files, never scored. Only linked items can be: --out is outside DIR."""
+    ours = {os.path.realpath(path) for path in (out, *companions(out))}
+    own = {i.key for i in found.items if i.linked and os.path.realpath(i.path) in ours}
+    if own:
+        found.items = [item for item in found.items if item.key not in own]
+        found.skipped += len(own)
+
+
+def _standing(done: pa.Table, found: list[Item], items: list[Item]) -> pa.Table:
+    """The rows already done that stand (see the module's docstring), without VALID_SINCE.
+    Rows of files not found now are left to `_in_walk_order`."""
+    where = {item.key: item.path for item in found}
+    covered = {item.key for item in items}
+    columns = done.select(["path", "error", VALID_SINCE]).to_pydict()
+    keep = []
+    for i, (key, error, since) in enumerate(zip(*columns.values(), strict=True)):
+        path = where.get(key)
+        if path is None or (error is not None and key not in covered):
+            keep.append(i)  # not found now, or an error row beyond --limit: as it is
+        elif error is None and not changed_since(path, since):
+            keep.append(i)
+    return done.take(pa.array(keep, pa.int64())).drop_columns([VALID_SINCE])
 
 
 def _score_items(
@@ -230,9 +278,18 @@ def _kept(written: list[pa.Table]) -> str:
     return f"{sum(t.num_rows for t in written):,} new rows kept"
 
 
-def _in_walk_order(rows: pa.Table, items: list[Item]) -> pa.Table:
-    """The rows of the files in `items`, in the walk's order."""
-    position = {item.key: i for i, item in enumerate(items)}
-    places = np.array([position.get(key, -1) for key in rows["path"].to_pylist()], dtype=np.int64)
+def _in_walk_order(rows: pa.Table, found: Walk) -> pa.Table:
+    """The rows of the files found, in the walk's order, then those of files under folders that
+    could not be listed this time (kept as they were; the next run checks them again)."""
+    position = {item.key: i for i, item in enumerate(found.items)}
+    unlisted = tuple("" if f == "." else f"{f}/" for f in found.unreadable_folders)
+    last = len(position)  # after every file found, in their earlier order (a stable sort)
+    places = np.array(
+        [
+            position.get(key, last if unlisted and key.startswith(unlisted) else -1)
+            for key in rows["path"].to_pylist()
+        ],
+        dtype=np.int64,
+    )
     keep = np.flatnonzero(places >= 0)
     return rows.take(keep[np.argsort(places[keep], kind="stable")])

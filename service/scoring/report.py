@@ -78,7 +78,10 @@ def summary_line(summary: dict[str, Any]) -> str:
         line += f"; accuracy {summary['accuracy']:.4f} on {summary['labelled']:,} labelled"
     if summary.get("unreadable_folders"):
         folders = summary["unreadable_folders"]
-        line += f"; WARNING: {len(folders):,} folders could not be listed: {', '.join(folders[:3])}"
+        line += (
+            f"; WARNING: {len(folders):,} folders could not be listed ({', '.join(folders[:3])}): "
+            "their files have no new rows"
+        )
     return line
 
 

@@ -8,8 +8,11 @@ Beside the output FILE, the folder FILE.parts/ holds:
 - `lock`: held (flock) while a job runs, so two jobs never write the same output.
 
 Rows already done are the union of a finished FILE (when there is one) and the chunks: running
-the same command again scores only what is missing. When the job ends, FILE is replaced
-atomically and FILE.parts/ is removed.
+the same command again scores only what is missing. Each row comes back with the time its file
+was last seen unchanged (`VALID_SINCE`): the walk of the run that scored it (kept in the chunk,
+and in FILE.summary.json for a finished FILE), so the job can redo the files changed since.
+When the job ends, FILE and its companions are replaced atomically, then FILE.parts/ is removed
+and only then the lock released.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,9 +45,16 @@ def _sibling(out: Path, suffix: str) -> Path:
     return out.with_name(out.name + suffix)
 
 
+VALID_SINCE = "_valid_since_ns"  # a column of the rows already done; never written to FILE
+_LISTED_AT = b"listed_at_ns"  # a chunk's metadata: when the run that wrote it walked DIR
+
+
 class ChunkStore:
-    def __init__(self, out: Path, fmt: str, job: dict[str, Any]) -> None:
+    def __init__(self, out: Path, fmt: str, job: dict[str, Any], listed_at_ns: int) -> None:
+        """`listed_at_ns`: when this run walked the input folder (time.time_ns(), taken before
+        the walk); every row this run writes describes its file as it was then, or later."""
         self.out, self.fmt, self.job = out, fmt, job
+        self.listed_at_ns = listed_at_ns
         self.parts = _sibling(out, ".parts")
         self._lock: int | None = None
         self._next = 0
@@ -51,8 +62,9 @@ class ChunkStore:
     # ---- life cycle
 
     def open(self, overwrite: bool) -> pa.Table:
-        """Take the lock and return the rows already done (an empty table when starting).
-        Every check runs before anything is written, so a refused run leaves no trace."""
+        """Take the lock and return the rows already done (an empty table when starting),
+        with their VALID_SINCE column. Every check runs before anything is written, so a
+        refused run leaves no trace."""
         self.parts.mkdir(parents=True, exist_ok=True)
         self._take_lock()
         try:
@@ -78,13 +90,16 @@ class ChunkStore:
         """One chunk, whole or not at all."""
         if not rows.num_rows:
             return
+        rows = rows.replace_schema_metadata({_LISTED_AT: str(self.listed_at_ns).encode()})
         with tables.atomically(self.parts / f"chunk-{self._next:06d}.parquet") as temporary:
             pq.write_table(rows, temporary)
         self._next += 1
 
-    def finish(self, rows: pa.Table) -> None:
-        """Replace FILE with the complete table, then forget the chunks."""
+    def finish(self, rows: pa.Table, companions: Callable[[], None]) -> None:
+        """Replace FILE with the complete table, write its `companions` (the summary, which
+        records `listed_at_ns`, and the plot), then forget the chunks and release the lock."""
         tables.write(rows, self.out, self.fmt)
+        companions()
         shutil.rmtree(self.parts, ignore_errors=True)
         self.close()
 
@@ -126,20 +141,21 @@ class ChunkStore:
         parts = []
         if self.out.exists():
             try:
-                parts.append(tables.read(self.out, self.fmt))
+                finished = tables.read(self.out, self.fmt)
             except (OSError, pa.ArrowException, ValueError) as exc:
                 raise ScoringError(
                     f"{self.out} exists but cannot be read as {self.fmt} ({exc}); "
                     "use --overwrite to start afresh"
                 ) from exc
-            self._check_rows(parts[0])
-            self._check_summary()
+            self._check_rows(finished)
+            parts.append(_finished_since(finished, self._check_summary()))
         for chunk in self._chunks():
-            parts.append(pq.read_table(chunk, schema=tables.SCHEMA))
+            listed_at = (pq.read_schema(chunk).metadata or {}).get(_LISTED_AT, b"0")
+            rows = pq.read_table(chunk, schema=tables.SCHEMA)
+            parts.append(_since(rows, int(listed_at)))
         if not parts:
-            return tables.empty()
-        done = pa.concat_tables(parts)
-        return _first_per_path(done)
+            return _since(tables.empty(), 0)
+        return _last_per_path(pa.concat_tables(parts))
 
     def _check_rows(self, done: pa.Table) -> None:
         """A finished FILE scored with another model or version is not resumed."""
@@ -154,16 +170,19 @@ class ChunkStore:
                 f"v{self.job['version']}: use --overwrite to start afresh, or another --out"
             )
 
-    def _check_summary(self) -> None:
+    def _check_summary(self) -> dict[str, Any]:
         """A finished FILE of another input folder is not resumed: its rows would be taken for
-        files of the same relative paths here."""
+        files of the same relative paths here. Returns the summary ({} when there is none)."""
         try:
             summary = json.loads(companions(self.out)[0].read_text(encoding="utf-8"))
         except (OSError, ValueError):
-            return  # no summary (a crash just before it was written): the rows say enough
+            return {}  # no summary (a crash just before it was written): every row is redone
+        if not isinstance(summary, dict):
+            return {}
         before = {key: summary.get(key) for key in self.job}
         if before != self.job:
             raise ScoringError(_mismatch(self.out, before, self.job, finished=True))
+        return summary
 
     def _chunks(self) -> list[Path]:
         return sorted(self.parts.glob("chunk-*.parquet"))
@@ -180,14 +199,35 @@ def _number(chunk: Path) -> int:
     return int(chunk.stem.split("-")[1])
 
 
-def _first_per_path(done: pa.Table) -> pa.Table:
-    """Each path once (a crash between writing FILE and removing the chunks leaves rows in
-    both)."""
+def _since(rows: pa.Table, listed_at_ns: int | list[int]) -> pa.Table:
+    values = listed_at_ns if isinstance(listed_at_ns, list) else [listed_at_ns] * rows.num_rows
+    return rows.append_column(VALID_SINCE, pa.array(values, pa.int64()))
+
+
+def _finished_since(rows: pa.Table, summary: dict[str, Any]) -> pa.Table:
+    """A finished FILE's rows are valid since its run's walk, except those under folders that
+    run could not list: kept from before unchecked, they are checked again now (since 0)."""
+    listed_at = summary.get("listed_at_ns")
+    listed_at = listed_at if isinstance(listed_at, int) else 0
+    unlisted = tuple(
+        "" if folder == "." else f"{folder}/"
+        for folder in summary.get("unreadable_folders") or ()
+        if isinstance(folder, str)
+    )
+    if not unlisted:
+        return _since(rows, listed_at)
+    paths = rows["path"].to_pylist()
+    return _since(rows, [0 if p.startswith(unlisted) else listed_at for p in paths])
+
+
+def _last_per_path(done: pa.Table) -> pa.Table:
+    """Each path once, its newest row: the chunks come after FILE, in the order written (a
+    crash between writing FILE and removing the chunks leaves rows in both)."""
     if not done.num_rows:
         return done
     indices = pa.table({"path": done["path"], "i": pa.array(range(done.num_rows))})
-    first = indices.group_by("path").aggregate([("i", "min")])["i_min"]
-    return done.take(sorted(first.to_pylist()))
+    last = indices.group_by("path").aggregate([("i", "max")])["i_max"]
+    return done.take(sorted(last.to_pylist()))
 
 
 def _mismatch(

@@ -222,8 +222,12 @@ def test_limit_and_no_recursive(local, tree, repository, tmp_path):
         ),
         (["IN", "--repository", "REPO", "--out", "IN/top.png/x.parquet"], "is inside"),
         (["IN", "--repository", "REPO", "--out", "/proc/scores.parquet"], "cannot"),
+        (["IN", "--repository", "REPO", "--model", "nope", "--out", "OUT/deep/er/x.csv"],
+         "model 'nope' is not in"),  # and no folder made for the output
+        (["IN", "--repository", "REPO", "--out", "OUT/scores.csv/"], "names a folder"),
+        (["IN", "--repository", "REPO", "--workers", "100000"], "--workers must be at most 256"),
     ],
-)
+)  # fmt: skip
 def test_one_line_errors(args, message, tree, repository, tmp_path):
     fill = {"IN": str(tree.root), "REPO": str(repository), "OUT": str(tmp_path)}
     args = [fill.get(a, a) for a in args]
@@ -438,3 +442,90 @@ def test_a_file_that_kills_its_decoder_is_an_error_row(many, repository, tmp_pat
     assert len(table) == len(list((folder / "Bag").iterdir()))
     errors = {r["path"]: r["error"] for r in table if r["error"]}
     assert errors == {"Bag/crash.png": "the image decoder crashed on this file"}
+
+
+def small_tree(root: Path, sample_images) -> dict[str, np.ndarray]:
+    """Six real PNGs in two folders, a broken link and a text file named .png, and one named
+    just ".png"; returns the pixels of the good files by path."""
+    images, _ = sample_images
+    pixels = {}
+    for i, relative in enumerate(["a/0.png", "a/1.png", "a/2.png", "b/3.png", "b/4.png", ".png"]):
+        (root / relative).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative).write_bytes(encode(Image.fromarray(images[i][:, :, 0]), "PNG"))
+        pixels[relative] = images[i]
+    (root / "b" / "link.png").symlink_to("missing.png")
+    (root / "b" / "text.png").write_text("not a picture")
+    return pixels
+
+
+def test_a_rerun_redoes_changed_files_and_retries_error_rows(repository, sample_images, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "scores.jsonl"
+    pixels = small_tree(folder, sample_images)
+    base = [str(folder), "--model", MODEL, "--repository", str(repository), "--out", str(out)]
+    first = succeed(*base)
+    assert (first["counts"]["scored"], first["counts"]["errors"]) == (6, 2)  # ".png" counts
+    again = succeed(*base)  # nothing changed: only the two error rows are tried again
+    assert (again["this_run"]["scored"], again["this_run"]["already_done"]) == (2, 6)
+
+    images, _ = sample_images
+    (folder / "a" / "1.png").write_text("now text")  # a scored file broken
+    (folder / "a" / "2.png").write_bytes(encode(Image.fromarray(images[9][:, :, 0]), "PNG"))
+    os.replace(folder / "b" / "4.png", folder / "b" / "missing.png")  # the link mended, 4 gone
+    third = succeed(*base)
+    # Redone: 1 and 2 (changed), link (mended), missing (new), text (an error again).
+    assert (third["this_run"]["scored"], third["this_run"]["already_done"]) == (5, 3)
+    table = {r["path"]: r for r in rows(out).to_pylist()}
+    assert sorted(table) == [".png", "a/0.png", "a/1.png", "a/2.png", "b/3.png", "b/link.png",
+                             "b/missing.png", "b/text.png"]  # fmt: skip
+    assert table["a/1.png"]["error"].startswith("not a readable image")
+    assert table["b/link.png"]["error"] is None and table["b/text.png"]["error"]
+    expected = reference(repository, np.stack([images[9], pixels["b/4.png"], pixels["a/0.png"]]))
+    got = [table[p]["probabilities"] for p in ("a/2.png", "b/link.png", "a/0.png")]
+    np.testing.assert_allclose(got, expected["probabilities"], atol=1e-6)
+
+
+def test_the_job_never_scores_its_own_outputs(repository, sample_images, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "out" / "scores.parquet"
+    small_tree(folder, sample_images)
+    (folder / "plot.png").symlink_to(out.with_name("scores.parquet.bottleneck.png"))
+    base = [str(folder), "--model", MODEL, "--repository", str(repository), "--out", str(out)]
+    for _ in range(2):  # before the plot exists (a broken link), then after
+        summary = succeed(*base)
+        assert "plot.png" not in rows(out)["path"].to_pylist()
+        assert summary["counts"]["skipped"] == 1 and summary["counts"]["images"] == 8
+
+
+def without_root_powers(command: list[str]) -> list[str]:
+    """As root, permission bits do not stop a reader: drop the capabilities that let them."""
+    if os.geteuid() != 0:
+        return command
+    caps = "-dac_override,-dac_read_search"
+    return ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", "--", *command]
+
+
+def test_a_folder_that_cannot_be_listed_keeps_its_rows(repository, sample_images, tmp_path):
+    folder, out = tmp_path / "in", tmp_path / "scores.csv"
+    small_tree(folder, sample_images)
+    args = [str(folder), "--model", MODEL, "--repository", str(repository), "--out", str(out)]
+    succeed(*args)
+    before = rows(out)
+    command = without_root_powers([sys.executable, "-m", "service", "score", *args])
+    (folder / "b").chmod(0)
+    try:
+        locked = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        folder.chmod(0)
+        top = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        folder.chmod(0o755)
+        (folder / "b").chmod(0o755)
+    assert locked.returncode == 1, locked.stderr
+    assert "WARNING: 1 folders could not be listed (b): their files have no new rows" in (
+        locked.stdout
+    )
+    assert rows(out).equals(before)  # b's rows kept, in their place at the end
+    assert (
+        top.returncode == 2
+        and top.stderr == f"error: {folder}: cannot list it: Permission denied\n"
+    )
+    unlocked = succeed(*args)  # b's rows are checked again now: redone
+    assert unlocked["this_run"]["scored"] == 4 and rows(out).equals(before)

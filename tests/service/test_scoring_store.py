@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
 from service.errors import ScoringError
 from service.scoring import table as tables
 from service.scoring.files import Item, label_matcher, true_label, walk
-from service.scoring.store import ChunkStore
+from service.scoring.store import VALID_SINCE, ChunkStore, companions
 
 LABELS = ("T-shirt/top", "Trouser", "Ankle boot")
 JOB = {"directory": "/data", "model": "m", "version": 3}
@@ -25,7 +27,7 @@ def some_rows(keys: list[str], failed: list[str] = ()) -> tables.Rows:
 
 def test_a_crash_between_the_final_write_and_the_clean_up_leaves_each_path_once(tmp_path):
     out = tmp_path / "scores.parquet"
-    store = ChunkStore(out, "parquet", JOB)
+    store = ChunkStore(out, "parquet", JOB, 0)
     assert store.open(overwrite=False).num_rows == 0
     first, second = some_rows(["a.png", "b.png"]).table(), some_rows(["c.png"], ["d.png"]).table()
     store.write(first)
@@ -35,25 +37,62 @@ def test_a_crash_between_the_final_write_and_the_clean_up_leaves_each_path_once(
     store.close()
     (store.parts / ".chunk-000009.parquet.tmp-1").write_bytes(b"half a chunk")
 
-    again = ChunkStore(out, "parquet", JOB)
+    again = ChunkStore(out, "parquet", JOB, 0)
     done = again.open(overwrite=False)
     assert done["path"].to_pylist() == ["a.png", "b.png", "c.png", "d.png"]
     assert not list(again.parts.glob(".*tmp*"))  # the half-written chunk is gone
-    again.finish(done)
+    done = done.drop_columns([VALID_SINCE])
+    again.finish(done, lambda: None)
     assert not again.parts.exists() and tables.read(out, "parquet").equals(done)
+
+
+def test_rows_come_back_with_the_time_their_files_were_listed(tmp_path):
+    """A chunk keeps its run's walk time; a finished FILE's rows take the time in its summary,
+    but rows under folders that run could not list are checked again (0); without a summary,
+    every row is (0). A later chunk's row of a path replaces FILE's."""
+    out = tmp_path / "scores.jsonl"
+    store = ChunkStore(out, "jsonl", JOB, 111)
+    store.open(overwrite=False)
+    store.write(some_rows(["a.png", "locked/b.png"]).table())
+
+    def summary() -> None:
+        summary_path = companions(out)[0]
+        summary_path.write_text(
+            json.dumps({**JOB, "listed_at_ns": 222, "unreadable_folders": ["locked"]})
+        )
+
+    store.finish(some_rows(["a.png", "locked/b.png", "c.png"]).table(), summary)
+    assert not store.parts.exists()
+    second = ChunkStore(out, "jsonl", JOB, 333)
+    done = second.open(overwrite=False)
+    assert dict(zip(done["path"].to_pylist(), done[VALID_SINCE].to_pylist(), strict=True)) == {
+        "a.png": 222, "locked/b.png": 0, "c.png": 222,
+    }  # fmt: skip
+    second.write(some_rows(["c.png"]).table())
+    second.close()
+    third = ChunkStore(out, "jsonl", JOB, 444)
+    done = third.open(overwrite=False)
+    third.close()
+    assert done["path"].to_pylist() == ["a.png", "locked/b.png", "c.png"]
+    assert done[VALID_SINCE].to_pylist() == [222, 0, 333]
+    companions(out)[0].unlink()
+    for chunk in (out.parent / "scores.jsonl.parts").glob("chunk-*"):
+        chunk.unlink()
+    done = ChunkStore(out, "jsonl", JOB, 555).open(overwrite=False)
+    assert done[VALID_SINCE].to_pylist() == [0, 0, 0]
 
 
 def test_one_job_per_output_and_no_mixing_of_settings(tmp_path):
     out = tmp_path / "scores.csv"
-    running = ChunkStore(out, "csv", JOB)
+    running = ChunkStore(out, "csv", JOB, 0)
     running.open(overwrite=False)
     with pytest.raises(ScoringError, match="another scoring job is writing"):
-        ChunkStore(out, "csv", JOB).open(overwrite=False)
+        ChunkStore(out, "csv", JOB, 0).open(overwrite=False)
     running.write(some_rows(["a.png"]).table())
     running.close()
     with pytest.raises(ScoringError, match=r"version 3 -> 4.*--overwrite"):
-        ChunkStore(out, "csv", {**JOB, "version": 4}).open(overwrite=False)
-    fresh = ChunkStore(out, "csv", {**JOB, "version": 4})
+        ChunkStore(out, "csv", {**JOB, "version": 4}, 0).open(overwrite=False)
+    fresh = ChunkStore(out, "csv", {**JOB, "version": 4}, 0)
     assert fresh.open(overwrite=True).num_rows == 0
     fresh.close()
 
