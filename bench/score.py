@@ -13,7 +13,11 @@ use from the committed sample: its 2,000 images, then their mirror images), per 
   --naive-files files: it is slow);
 - decode ceiling: the same files decoded alone (the same decoding function, the same number of
   worker processes and batch size as the engine, pool started before timing): scoring cannot be
-  faster than reading and decoding its files.
+  faster than reading and decoding its files;
+- the bound (CPU only): the CPU time per image of decoding alone (one process) and of
+  onnxruntime alone (one thread, the same batch size), each measured in this process. On cores
+  that the decoders already fill, the engine must fit both into them, so its ratio to the
+  ceiling cannot pass decode / (decode + onnxruntime), whatever the pipeline does.
 
 Models come from bench/prepare.py (1 epoch on the sample; accuracy is irrelevant here). Every
 number is from this run on this machine; a shared VM moves by tens of percent minute to minute,
@@ -37,6 +41,7 @@ from PIL import Image
 from prepare import BUILD, MODELS, ROOT, RUNS, SAMPLE, prepare_repository  # bench/prepare.py
 
 from service import repository
+from service.runtime import Runtime
 from service.scoring.decoding import decode_files
 from service.scoring.engines import batches, decoders
 from service.scoring.files import walk
@@ -100,6 +105,24 @@ def decode_ceiling(paths: list[str], shape: tuple[int, int, int], args: argparse
         return decoded / (time.perf_counter() - begin)
 
 
+def cpu_per_image(paths: list[str], spec: repository.ModelSpec, batch_size: int):
+    """CPU seconds per image of decoding alone and of onnxruntime alone (one thread): the
+    least of three passes over up to 2,000 files each (what the work costs, not the noise)."""
+    sample = paths[:2000]
+    decode_files(sample[:batch_size], spec.image_shape, 50_000_000)  # imports, caches
+    session = Runtime("cpu", 1).session(spec)  # warmed up at every batch size
+    decode, infer = [], []
+    for _ in range(3):
+        begin = time.process_time()
+        pixels = decode_files(sample, spec.image_shape, 50_000_000).pixels
+        decode.append((time.process_time() - begin) / len(sample))
+        begin = time.process_time()
+        for batch in batches(pixels, batch_size):
+            session.run(np.asarray(batch))
+        infer.append((time.process_time() - begin) / len(pixels))
+    return min(decode), min(infer)
+
+
 NAIVE = """
 import sys, time, numpy as np, keras
 from PIL import Image
@@ -138,9 +161,12 @@ def bench(name: str, folder: Path, repo: Path, args: argparse.Namespace) -> dict
     log.info("%s: naive loop on %d files", name, args.naive_files)
     naive = naive_loop(RUNS / name, paths[: args.naive_files])
     parameters = spec.metadata.get("training", {}).get("parameters", 0)
+    decode_s, onnxruntime_s = cpu_per_image(paths, spec, args.batch_size)
     return {"model": name, "files": len(paths), "engine": engine, "naive_images_per_s": naive,
             "ceiling_images_per_s": ceiling, "parameters": parameters,
-            "arch": spec.metadata.get("arch"), "ratios_vs_ceiling": ratios}  # fmt: skip
+            "arch": spec.metadata.get("arch"), "ratios_vs_ceiling": ratios,
+            "decode_cpu_s_per_image": decode_s,
+            "onnxruntime_cpu_s_per_image": onnxruntime_s}  # fmt: skip
 
 
 def report(results: list[dict], args: argparse.Namespace) -> str:
@@ -167,6 +193,14 @@ def report(results: list[dict], args: argparse.Namespace) -> str:
             least = TARGETS[key]
             verdict = "PASS" if ratio >= least else "FAIL"
             checks.append(f"- target {r['model']}: >= {least}x the {key}: {ratio:.3f}x: {verdict}")
+        if args.device == "cpu":
+            decode, infer = r["decode_cpu_s_per_image"], r["onnxruntime_cpu_s_per_image"]
+            checks.append(
+                f"- {r['model']}: (bound) CPU per image: decoding {decode * 1e6:.0f} us, "
+                f"onnxruntime alone {infer * 1e6:.0f} us (1 thread, batches of "
+                f"{args.batch_size}): on cores the decoders fill, the engine cannot pass "
+                f"{decode / (decode + infer):.2f}x the ceiling, with no overhead of its own"
+            )
     return "\n".join([*lines, "", *checks])
 
 

@@ -42,8 +42,12 @@ from service.runtime import Runtime, Session
 log = logging.getLogger(__name__)
 
 # Batches the CPU computes in less than this (by the warm-up timing) run on the event loop
-# thread: a hand-off to a thread costs more than such a run (measured with bench/serve.py).
-INLINE_BELOW_S = 0.001
+# thread: on a small CPU box the hand-off to a thread and back (and the GIL traffic while the
+# loop keeps taking requests) costs more than the loop pausing this long. Measured with
+# `bench/serve.py --models scratch --scenarios single-64` on 2 cores: 5 ms against 1 ms took
+# the default scratch net from 0.57-0.63x to 0.67-0.74x of the transport ceiling and its
+# server-side p99 from 23-28 ms to 5 ms; larger models (VGG16) still run in a thread.
+INLINE_BELOW_S = 0.005
 ImageInput = bytes | np.ndarray  # encoded file, or raw (H, W, C) uint8 pixels
 
 
