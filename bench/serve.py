@@ -463,7 +463,8 @@ def bench_model(
         if row.scenario in ceilings:
             ceiling = ceilings[row.scenario]
             row.transport, row.transport_cpu_ms = ceiling.images_per_s, ceiling.server_cpu_ms
-            row.transport_client_ms = ceiling.client_cpu / ceiling.images_per_s * 1000
+            if ceiling.images_per_s:
+                row.transport_client_ms = ceiling.client_cpu / ceiling.images_per_s * 1000
             row.transport_p99_ms = ceiling.p99_ms
     training = spec.metadata.get("training", {})
     title = f"{spec.name} v{spec.version}: family {spec.metadata.get('family')}, arch "

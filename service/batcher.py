@@ -1,9 +1,9 @@
 """Dynamic batching, one `Batcher` per model version.
 
 Concurrent `submit` calls are merged into one batch of up to `max_batch_size` images, waiting at
-most `max_delay_s` (and at least 1 ms less) after the oldest queued request for more to arrive; the batch runs once and
-each caller gets its own rows back. While a batch computes, the next one gathers, so under load
-batches fill without waiting.
+most `max_delay_s` (and at least 1 ms less: TIMER_SLACK_S) after the oldest queued request for
+more to arrive; the batch runs once and each caller gets its own rows back. While a batch
+computes, the next one gathers, so under load batches fill without waiting.
 
 The batcher is driven by event-loop callbacks (a timer for the window, a done-callback for a
 batch computed in a thread), not by a task of its own: on a CPU-bound server every extra loop

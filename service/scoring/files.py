@@ -34,8 +34,7 @@ class Item:
 class Walk:
     items: list[Item] = field(default_factory=list)
     skipped: int = 0  # files not named like images
-    unreadable_folders: list[str] = field(default_factory=list)
-    links_followed: int = 0  # folders walked through a link
+    unreadable_folders: list[str] = field(default_factory=list)  # keys; "." for the top
 
 
 def walk(root: Path, recursive: bool = True) -> Walk:
@@ -57,7 +56,6 @@ def walk(root: Path, recursive: bool = True) -> Walk:
             log.info("not entering %s again (a link to a folder already walked)", path)
             continue
         seen.add((stat.st_dev, stat.st_ino))
-        found.links_followed += 1
         _walk(path, parts, recursive, seen, links, found, linked=True)
     return found
 
@@ -97,6 +95,12 @@ def _walk(
             found.items.append(Item(key, entry.path, _key(where[-1:]), link))
         else:
             found.skipped += 1
+
+
+def under(folders: list[str]) -> tuple[str, ...]:
+    """Key prefixes of the files under `folders` (keys as in `Walk.unreadable_folders`), for
+    `key.startswith(...)`."""
+    return tuple("" if folder == "." else f"{folder}/" for folder in folders)
 
 
 def is_image_name(name: str) -> bool:

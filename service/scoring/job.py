@@ -32,7 +32,15 @@ from service.repository import ModelSpec, read_spec, scan
 from service.scoring import report
 from service.scoring import table as tables
 from service.scoring.engines import Engine, LocalEngine, RemoteEngine, Result
-from service.scoring.files import Item, Walk, changed_since, label_matcher, true_label, walk
+from service.scoring.files import (
+    Item,
+    Walk,
+    changed_since,
+    label_matcher,
+    true_label,
+    under,
+    walk,
+)
 from service.scoring.store import VALID_SINCE, ChunkStore, companions
 
 log = logging.getLogger(__name__)
@@ -282,7 +290,7 @@ def _in_walk_order(rows: pa.Table, found: Walk) -> pa.Table:
     """The rows of the files found, in the walk's order, then those of files under folders that
     could not be listed this time (kept as they were; the next run checks them again)."""
     position = {item.key: i for i, item in enumerate(found.items)}
-    unlisted = tuple("" if f == "." else f"{f}/" for f in found.unreadable_folders)
+    unlisted = under(found.unreadable_folders)
     last = len(position)  # after every file found, in their earlier order (a stable sort)
     places = np.array(
         [

@@ -32,6 +32,7 @@ import pyarrow.parquet as pq
 
 from service.errors import ScoringError
 from service.scoring import table as tables
+from service.scoring.files import under
 
 log = logging.getLogger(__name__)
 
@@ -209,11 +210,8 @@ def _finished_since(rows: pa.Table, summary: dict[str, Any]) -> pa.Table:
     run could not list: kept from before unchecked, they are checked again now (since 0)."""
     listed_at = summary.get("listed_at_ns")
     listed_at = listed_at if isinstance(listed_at, int) else 0
-    unlisted = tuple(
-        "" if folder == "." else f"{folder}/"
-        for folder in summary.get("unreadable_folders") or ()
-        if isinstance(folder, str)
-    )
+    folders = summary.get("unreadable_folders") or []
+    unlisted = under([folder for folder in folders if isinstance(folder, str)])
     if not unlisted:
         return _since(rows, listed_at)
     paths = rows["path"].to_pylist()
