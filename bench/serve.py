@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/serve.py                        # all three models, 8 s per scenario
     .venv/bin/python bench/serve.py --duration-s 2 --models scratch --json build/bench.json
+    .venv/bin/python bench/serve.py --load perf-analyzer --models seed,scratch --frontends 0,2
 
 For each model the real server (`python -m service serve`) runs as a subprocess; a separate
 client process (one asyncio loop, N concurrent tasks) sends Open Inference Protocol ModelInfer
@@ -26,6 +27,19 @@ is meaningless, only their speed matters. Models: `seed` and `scratch` (the scra
 network, 4,320 parameters, and its default network, 390k) and `vgg16`, whose random frozen base
 (--base-weights none) computes exactly as much as the ImageNet one. Server and client share one
 2-core box here, so absolute numbers are modest; the ratios are the point.
+
+--load perf-analyzer drives the server with Triton's perf_analyzer instead (C++, gRPC,
+synchronous clients; bench/perf_analyzer.py fetches it into build/perf_analyzer): single-64 and
+batch32-8 by default (closed-loop scenarios only), --duration-s as its measurement window (-p),
+up to 6 windows until 3 agree within 25 %. Its latencies are client side; no ceilings are run.
+Server CPU per image and mean batch cover the whole perf_analyzer run: CPU of the server's
+process tree over the images its cnn_serving_batch_size histogram counted in that time.
+
+--frontends 0,2 starts one server per value with `--frontends N` on its command line (0: the
+single process; N >= 1: N front-end processes and one engine process, children of the serve
+process) and prints a "split / single" ratio row against 0 for every other value. In both modes
+the server's CPU is that of the serve process and every descendant (/proc, by parent pid),
+sampled at the start and end of the window; a process that appears in between counts from 0.
 """
 
 from __future__ import annotations
@@ -38,6 +52,7 @@ import logging
 import multiprocessing
 import os
 import re
+import resource
 import signal
 import subprocess
 import sys
@@ -53,6 +68,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import onnxruntime as ort
+import perf_analyzer  # bench/perf_analyzer.py
 from prepare import MODELS, ROOT, SAMPLE, prepare_repository  # bench/prepare.py
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -70,6 +86,8 @@ CLOSED = {"single-1": (1, 1), "single-8": (8, 1), "single-64": (64, 1), "batch32
 OPEN = "open-loop"
 WARMUP_S = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
+PERF_ANALYZER_SCENARIOS = ("single-64", "batch32-8")
+LOADS = ("python", "perf-analyzer")
 HEAD = (
     "scenario | clients | images/s | p50 ms | p95 ms | p99 ms | server p99 ms | mean batch | "
     "transport ceiling img/s | compute ceiling img/s | ratio vs transport | ratio vs compute | "
@@ -80,13 +98,19 @@ OPTIONS = (  # flag, default (shown by --help), type, help
     ("--models", "seed,scratch,vgg16", str, "comma-separated models to benchmark: seed and "
      "scratch are the scratch family's seed and default networks"),
     ("--device", "cpu", str, "auto, cpu or cuda: the server's and the compute ceiling's"),
-    ("--duration-s", 8.0, float, "seconds measured per scenario, after a 1 s warm-up"),
+    ("--duration-s", 8.0, float, "seconds measured per scenario, after a 1 s warm-up; --load "
+     "perf-analyzer: its measurement window (-p), up to 6 of them"),
     ("--intra-op-threads", 0, int, "onnxruntime threads per run, server and compute ceiling; "
      "0: onnxruntime's default (one per physical core)"),
     ("--max-batch-size", 64, int, "the server's, in images"),
     ("--max-queue-delay-ms", 2.0, float, "the server's, in milliseconds"),
-    ("--scenarios", ",".join([*CLOSED, OPEN]), str, "comma-separated subset; open-loop sends "
-     "single images at half the best single-* rate, so it needs one of those"),
+    ("--load", "python", str, "python: the asyncio client process, with compute and transport "
+     "ceilings; perf-analyzer: Triton's perf_analyzer (closed-loop scenarios, no ceilings)"),
+    ("--frontends", "", str, "comma-separated values for the server's --frontends (e.g. 0,2), "
+     "one server per value; empty: the flag is not passed"),
+    ("--scenarios", None, str, f"comma-separated subset of {', '.join([*CLOSED, OPEN])}; none: "
+     f"all with --load python, {','.join(PERF_ANALYZER_SCENARIOS)} with perf-analyzer; "
+     "open-loop sends single images at half the best single-* rate, so it needs one of those"),
     ("--json", None, Path, "also write every number to this file as JSON; none: do not"),
     ("--profile-dir", None, Path, "run each server under cProfile into DIR/MODEL.prof (slows "
      "it); none: no profile"),
@@ -327,7 +351,9 @@ def transport_main(classes: int, port_sink: multiprocessing.connection.Connectio
 class ModelServer:
     """`python -m service serve` on free ports, serving one model; stderr drained in a thread."""
 
-    def __init__(self, repo: Path, spec: ModelSpec, args: argparse.Namespace) -> None:
+    def __init__(
+        self, repo: Path, spec: ModelSpec, args: argparse.Namespace, frontends: int | None = None
+    ) -> None:
         self._view = tempfile.TemporaryDirectory(prefix="bench-repo-")
         (Path(self._view.name) / spec.name).symlink_to((repo / spec.name).resolve())
         command = [sys.executable]
@@ -339,6 +365,8 @@ class ModelServer:
         command += ["--poll-interval-s", "0", "--intra-op-threads", str(args.intra_op_threads)]
         command += ["--max-batch-size", str(args.max_batch_size)]
         command += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
+        if frontends is not None:
+            command += ["--frontends", str(frontends)]
         env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_SERVING_")}
         self.process = subprocess.Popen(
             command, cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True
@@ -417,7 +445,12 @@ def make_session(spec: ModelSpec, args: argparse.Namespace) -> ort.InferenceSess
 
 
 def bench_model(
-    spec: ModelSpec, repo: Path, args: argparse.Namespace, pool: ProcessPoolExecutor, cache: dict
+    spec: ModelSpec,
+    repo: Path,
+    args: argparse.Namespace,
+    pool: ProcessPoolExecutor,
+    cache: dict,
+    frontends: int | None = None,
 ) -> dict:
     pixels = load_pixels(spec)
 
@@ -430,13 +463,14 @@ def bench_model(
         )
         log.info("%s %s on %s", spec.name, scenario, target)
         label = f"{rate:.0f}/s" if rate else str(clients)
-        before = process_cpu_s(pid)
+        before = tree_cpu_s(pid)
         row = row_from(scenario, label, load, pool.submit(client_run, load, pixels).result())
-        row.server_cpu_ms = cpu_per_image_ms(process_cpu_s(pid) - before, row, args.duration_s)
+        used = cpu_delta_s(before, tree_cpu_s(pid))
+        row.server_cpu_ms = cpu_per_image_ms(used, row, args.duration_s)
         return row
 
     closed = [s for s in CLOSED if s in args.scenarios]
-    server = ModelServer(repo, spec, args)
+    server = ModelServer(repo, spec, args, frontends)
     try:
         pid = server.process.pid
         rows = [measure(server.target, server.metrics_port, s, pid=pid) for s in closed]
@@ -471,7 +505,10 @@ def bench_model(
     title += f"{spec.metadata.get('arch')}, {training.get('parameters', '?'):,} parameters"
     if not training.get("base_weights_real", True):
         title += ", random frozen base (--base-weights none)"
+    if frontends is not None:
+        title += f", server --frontends {frontends}"
     return {
+        "model": spec.name,
         "title": title,
         "rows": rows,
         "providers": server.providers,
@@ -480,12 +517,45 @@ def bench_model(
     }
 
 
-def process_cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process (all its threads) from /proc; 0 without one."""
+def _stat(pid: int | str) -> list[str] | None:
+    """/proc/PID/stat after the command name (fields[0] is the state, [1] the parent pid,
+    [11]/[12] utime/stime in clock ticks, [19] the start time); None once it is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+
+
+def process_tree(pid: int) -> list[int]:
+    """pid and every live descendant (children of children too), by each process's parent."""
+    children: dict[int, list[int]] = collections.defaultdict(list)
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and (fields := _stat(entry.name)):
+            children[int(fields[1])].append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        found.append(current := todo.pop())
+        todo.extend(children.get(current, []))
+    return found
+
+
+def tree_cpu_s(pid: int) -> dict[tuple[int, str], float]:
+    """User + system CPU seconds (all threads) of pid and each descendant, keyed by (pid, start
+    time) so a reused pid is a new process; {} without a pid."""
     if not pid:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        return {}
+    found = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    for member in process_tree(pid):
+        if fields := _stat(member):
+            found[(member, fields[19])] = (int(fields[11]) + int(fields[12])) / tick
+    return found
+
+
+def cpu_delta_s(before: dict[tuple[int, str], float], after: dict[tuple[int, str], float]) -> float:
+    """CPU seconds the tree used between two tree_cpu_s() samples: a process first seen in
+    `after` counts from 0; one gone by then is lost (its last interval uncounted)."""
+    return sum(cpu - before.get(key, 0.0) for key, cpu in after.items())
 
 
 def cpu_per_image_ms(cpu_s: float, row: Row, duration_s: float) -> float | None:
@@ -509,6 +579,153 @@ def transport_ceilings(
     finally:
         process.terminate()
         process.join()
+
+
+@dataclass
+class PaRow:
+    """One perf_analyzer scenario against one server; latencies are client side."""
+
+    model: str
+    frontends: str  # the server's --frontends, "-" when not passed
+    scenario: str
+    clients: int
+    batch: int
+    images_per_s: float | None
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    server_cpu_us: float | None  # server process tree CPU per image, whole run
+    mean_batch: float | None  # from cnn_serving_batch_size, whole run
+    server_p99_ms: float | None  # the server's request histogram, whole run
+    server_processes: int  # the serve process and its descendants at the end
+    load_cores: float  # perf_analyzer's own CPU seconds per second (it shares the box)
+    aborted: bool  # perf_analyzer exited non-zero (see perf_analyzer.py: usually not fatal)
+    source: str  # where the numbers came from: csv, stdout or none
+    cpu_basis: str  # images the CPU is divided by: "server histogram" or "client rate x wall"
+    error: str | None = None
+
+
+def bench_model_pa(
+    spec: ModelSpec, repo: Path, args: argparse.Namespace, frontends: int | None
+) -> list[PaRow]:
+    """perf_analyzer's closed-loop scenarios against one server (one model, one --frontends)."""
+    shape = f"{spec.input_name}:{spec.height},{spec.width},{spec.channels}"
+    rows = []
+    server = ModelServer(repo, spec, args, frontends)
+    try:
+        pid, metrics = server.process.pid, server.metrics_port
+        for scenario in args.scenarios:
+            clients, batch = CLOSED[scenario]
+            log.info("%s %s on %s (--frontends %s)", spec.name, scenario, server.target, frontends)
+            seen = _histograms(metrics, spec.name) if metrics > 0 else {}
+            cpu, load = tree_cpu_s(pid), resource.getrusage(resource.RUSAGE_CHILDREN)
+            result = perf_analyzer.run(
+                spec.name, server.target, shape, clients, batch, round(args.duration_s * 1000)
+            )
+            used = cpu_delta_s(cpu, tree_cpu_s(pid))
+            done = resource.getrusage(resource.RUSAGE_CHILDREN)
+            load_cpu = done.ru_utime + done.ru_stime - load.ru_utime - load.ru_stime
+            view: dict[str, float | None] = {}
+            images = 0.0
+            if metrics > 0:
+                window = _minus(_histograms(metrics, spec.name), seen)
+                view = server_view(window)
+                images = window.get("cnn_serving_batch_size", {}).get("sum", 0.0)
+            basis = "server histogram"
+            if not images and result.images_per_s:
+                images, basis = result.images_per_s * result.wall_s, "client rate x wall"
+            rows.append(
+                PaRow(
+                    model=spec.name,
+                    frontends="-" if frontends is None else str(frontends),
+                    scenario=scenario,
+                    clients=clients,
+                    batch=batch,
+                    images_per_s=result.images_per_s,
+                    p50_ms=result.p50_ms,
+                    p95_ms=result.p95_ms,
+                    p99_ms=result.p99_ms,
+                    server_cpu_us=used / images * 1e6 if images and used else None,
+                    mean_batch=view.get("mean_batch"),
+                    server_p99_ms=view.get("server_p99_ms"),
+                    server_processes=len(process_tree(pid)),
+                    load_cores=load_cpu / result.wall_s if result.wall_s else 0.0,
+                    aborted=result.aborted,
+                    source=result.source,
+                    cpu_basis=basis,
+                    error=result.error,
+                )
+            )
+    finally:
+        server.stop()
+    for line in server.warnings:
+        log.warning("%s server logged: %s", spec.name, line)
+    return rows
+
+
+PA_HEAD = (
+    "model | frontends | scenario | clients x images | images/s | p50 ms | p95 ms | p99 ms | "
+    "server p99 ms | server CPU us/img | mean batch | server processes | perf_analyzer cores"
+)
+
+
+def _over(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a is not None and b else "n/a"
+
+
+def pa_table(rows: list[PaRow]) -> str:
+    """One row per model x frontends x scenario, then split / single ratios against 0."""
+    lines = [f"| {PA_HEAD} |", "|" + "---|" * len(PA_HEAD.split(" | "))]
+    for r in rows:
+        cells = [r.model, r.frontends, r.scenario, f"{r.clients} x {r.batch}"]
+        cells += [_num(r.images_per_s, 0)]
+        cells += [_num(v, 2) for v in (r.p50_ms, r.p95_ms, r.p99_ms, r.server_p99_ms)]
+        cells += [_num(r.server_cpu_us, 0), _num(r.mean_batch, 2), str(r.server_processes)]
+        cells += [_num(r.load_cores, 2)]
+        lines.append("| " + " | ".join(cells) + " |")
+    single = {(r.model, r.scenario): r for r in rows if r.frontends == "0"}
+    for r in rows:
+        base = single.get((r.model, r.scenario))
+        if base is None or r.frontends in ("0", "-"):
+            continue
+        cells = [r.model, f"split / single ({r.frontends} / 0)", r.scenario, "ratio"]
+        cells += [_over(r.images_per_s, base.images_per_s)]
+        pairs = [(r.p50_ms, base.p50_ms), (r.p95_ms, base.p95_ms), (r.p99_ms, base.p99_ms)]
+        pairs += [(r.server_p99_ms, base.server_p99_ms), (r.server_cpu_us, base.server_cpu_us)]
+        pairs += [(r.mean_batch, base.mean_batch)]
+        cells += [_over(a, b) for a, b in pairs] + ["", ""]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def pa_report(args: argparse.Namespace, rows: list[PaRow]) -> dict:
+    print(
+        f"cpus {os.cpu_count()}, onnxruntime {ort.__version__}, --load perf-analyzer "
+        f"(tritonclient {perf_analyzer.VERSION}, -p {args.duration_s * 1000:.0f} ms, up to "
+        f"{perf_analyzer.MAX_TRIALS} windows, --stability-percentage "
+        f"{perf_analyzer.STABILITY_PERCENT}), --device {args.device}, --intra-op-threads "
+        f"{args.intra_op_threads}, --max-batch-size {args.max_batch_size}, "
+        f"--max-queue-delay-ms {args.max_queue_delay_ms:g}.\nLatencies: perf_analyzer's, client "
+        "side; server CPU (the serve process and every descendant), mean batch and server p99: "
+        "the whole perf_analyzer run.\n"
+    )
+    print(pa_table(rows) + "\n")
+    for r in rows:
+        if r.error:
+            print(f"- {r.model} --frontends {r.frontends} {r.scenario}: perf_analyzer: {r.error}")
+        if r.cpu_basis != "server histogram":
+            print(f"- {r.model} --frontends {r.frontends} {r.scenario}: CPU per image over "
+                  f"{r.cpu_basis} (no batch histogram on /metrics)")  # fmt: skip
+    aborted = sum(r.aborted and r.source != "none" for r in rows)
+    if aborted:
+        print(f"- {aborted} of {len(rows)} runs: perf_analyzer exited non-zero after measuring "
+              "(its ModelStatistics check); numbers read from its stdout")  # fmt: skip
+    return {
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "cpus": os.cpu_count(),
+        "onnxruntime": ort.__version__,
+        "rows": [asdict(r) for r in rows],
+    }
 
 
 # ----------------------------------------------------------------------------- report
@@ -590,7 +807,7 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
     verdicts = []
     for name, result in results.items():
         print(table(result["title"], result["rows"]) + "\n")
-        for text, passed in targets(name, result["rows"], args.max_queue_delay_ms):
+        for text, passed in targets(result["model"], result["rows"], args.max_queue_delay_ms):
             if passed is None:
                 print(f"- {text}")
                 continue
@@ -622,11 +839,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar = flag.rsplit("-", 1)[-1].upper()  # units where the flag has them: S, MS
         p.add_argument(flag, default=default, type=kind, help=text, metavar=metavar)
     args = p.parse_args(argv)
+    if args.load not in LOADS:
+        p.error(f"--load: one of {', '.join(LOADS)}, not {args.load!r}")
     args.models = [m for m in args.models.split(",") if m]
+    if args.scenarios is None:
+        every = [*CLOSED, OPEN] if args.load == "python" else PERF_ANALYZER_SCENARIOS
+        args.scenarios = ",".join(every)
     args.scenarios = [s for s in args.scenarios.split(",") if s]
     unknown = set(args.models) - set(MODELS) | set(args.scenarios) - {*CLOSED, OPEN}
     if unknown or args.device not in ("auto", "cpu", "cuda"):
         p.error(f"unknown model, scenario or device: {', '.join(sorted(unknown))}")
+    if args.load == "perf-analyzer" and OPEN in args.scenarios:
+        p.error("--load perf-analyzer runs closed-loop scenarios only, not open-loop")
+    try:
+        args.frontends = [int(n) for n in args.frontends.split(",") if n.strip()]
+    except ValueError:
+        p.error(f"--frontends: comma-separated integers, not {args.frontends!r}")
+    if any(n < 0 for n in args.frontends):
+        p.error("--frontends: values >= 0")
     return args
 
 
@@ -634,13 +864,27 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     repo = args.repository or prepare_repository(args.models)
+    frontends: list[int | None] = [*args.frontends] or [None]
+    specs = [repository.read_spec(repo, m, max(repository.scan(repo)[m])) for m in args.models]
+    if args.load == "perf-analyzer":
+        try:
+            perf_analyzer.fetch()
+        except perf_analyzer.FetchError as exc:
+            print(f"perf_analyzer: {exc}", file=sys.stderr)
+            return 2
+        rows = [r for s in specs for n in frontends for r in bench_model_pa(s, repo, args, n)]
+        numbers = pa_report(args, rows)
+        if args.json:
+            args.json.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
+        return 0
     results: dict[str, dict] = {}
     cache: dict[tuple, dict[str, float]] = {}  # transport ceilings by (image shape, classes)
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        for name in args.models:
-            spec = repository.read_spec(repo, name, max(repository.scan(repo)[name]))
-            results[name] = bench_model(spec, repo, args, pool, cache)
+        for spec in specs:
+            for n in frontends:
+                key = spec.name if n is None else f"{spec.name} --frontends {n}"
+                results[key] = bench_model(spec, repo, args, pool, cache, n)
     numbers = report(args, results)
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")

@@ -127,9 +127,11 @@ class Batcher:
         self._schedule()
         await self._drained
 
-    async def submit(self, images: np.ndarray, deadline: float | None = None) -> Outputs:
-        """Infer (n, H, W, C) uint8 images; a request above max_batch_size is cut into
-        batch-sized pieces. Raises QueueFull, DeadlineExceeded, Unavailable."""
+    def put(self, images: np.ndarray, deadline: float | None = None) -> asyncio.Future[Outputs]:
+        """Queue (n, H, W, C) uint8 images; the future resolves to their rows. A request above
+        max_batch_size is cut into batch-sized pieces. Cancelling the future withdraws the
+        request (a queued piece is dropped before computing). Raises QueueFull, Unavailable;
+        the future may fail with DeadlineExceeded or Unavailable."""
         if self._closed or self._loop is None:
             raise Unavailable(f"{self._name}: this model version is being unloaded")
         n = len(images)
@@ -147,11 +149,16 @@ class Batcher:
             pieces.append(item.future)
         self._schedule()
         if len(pieces) == 1:  # the common case, without gather's bookkeeping
-            try:
-                return await pieces[0]
-            finally:
-                pieces[0].cancel()  # a caller that went away leaves its piece unanswered
-        return await self._gather(pieces)
+            return pieces[0]
+        return asyncio.ensure_future(self._gather(pieces))
+
+    async def submit(self, images: np.ndarray, deadline: float | None = None) -> Outputs:
+        """`put`, awaited; a caller that goes away withdraws its request."""
+        future = self.put(images, deadline)
+        try:
+            return await future
+        finally:
+            future.cancel()
 
     @staticmethod
     async def _gather(pieces: list[asyncio.Future[Outputs]]) -> Outputs:

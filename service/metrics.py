@@ -3,14 +3,23 @@
 Every series carries `model` and `version`; request counters add `api` (classifier.v1 or
 inference.v2) and `code` (the gRPC status name). Durations are histograms, so any quantile can be
 computed across replicas.
+
+With front-end processes (`serve --frontends N`) every process writes its counters and
+histograms to prometheus_client's multiprocess files (the supervisor sets
+PROMETHEUS_MULTIPROC_DIR for its children, which prometheus_client reads at import); the engine
+serves one /metrics that sums them over all processes, dead ones included (counters never go
+back), plus the gauges it reads live at scrape time.
 """
 
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +35,11 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 
 class Metrics:
-    def __init__(self) -> None:
+    """`multiprocess_dir`: this process is one of several writing there (see above)."""
+
+    def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        self.multiprocess_dir = multiprocess_dir
+        self._live: list[Collector] = []
         self.registry = CollectorRegistry()
         reg = self.registry
         mv = ["model", "version"]
@@ -77,26 +90,26 @@ class Metrics:
             buckets=BATCH_BUCKETS,
             registry=reg,
         )
-        self.queue_depth = Gauge(
-            "cnn_serving_queue_depth", "Images waiting in the batch queue.", mv, registry=reg
-        )
-        self.model_ready = Gauge(
-            "cnn_serving_model_ready",
-            "1 when the version is loaded and takes traffic.",
-            mv,
-            registry=reg,
-        )
-        self.provider = Gauge(
-            "cnn_serving_execution_provider_info",
-            "1 for the onnxruntime execution provider each loaded version really runs on.",
-            [*mv, "provider", "device"],
-            registry=reg,
-        )
         self._server: WSGIServer | None = None
+
+    def add_live(self, collector: Collector) -> None:
+        """A collector read at scrape time, from this process's own state."""
+        self._live.append(collector)
+        self.registry.register(collector)
+
+    def exposed(self) -> CollectorRegistry:
+        """What /metrics shows: this registry, or every process's files plus the live ones."""
+        if self.multiprocess_dir is None:
+            return self.registry
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, str(self.multiprocess_dir))
+        for collector in self._live:
+            registry.register(collector)
+        return registry
 
     def serve(self, host: str, port: int) -> int:
         """Start /metrics on host:port (0: a free port); returns the real port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        server, _thread = start_http_server(port, addr=host, registry=self.exposed())
         self._server = server
         return int(server.server_port)
 

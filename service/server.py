@@ -22,6 +22,7 @@ from grpc_reflection.v1alpha import reflection
 from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from service.config import ServeConfig, channel_options
+from service.core import Core
 from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
@@ -108,10 +109,13 @@ def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
 
 
 class Server:
-    def __init__(self, config: ServeConfig) -> None:
+    """The gRPC server over a core: the in-process `Engine` by default, or a front end's
+    `EngineClient`."""
+
+    def __init__(self, config: ServeConfig, engine: Core | None = None) -> None:
         self.config = config
-        self.metrics = Metrics()
-        self.engine = Engine(config, self.metrics)
+        self.engine = engine or Engine(config, Metrics())
+        self.metrics = self.engine.metrics
         self.calls = Calls(self.engine)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -188,7 +192,7 @@ class Server:
         served = []
         for name in self.engine.names():
             for version in self.engine.versions(name):
-                providers = self.engine.model(name, version).session.providers
+                providers = self.engine.model(name, version).providers
                 served.append(f"{name} v{version} on {providers[0]}")
         if not served:
             log.warning(

@@ -18,7 +18,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import DecodeError
 
-from service.engine import Engine, Stats
+from service.core import Core, Model
 from service.errors import InvalidInput, ServingError, Unavailable, shorten
 
 log = logging.getLogger(__name__)
@@ -69,16 +69,16 @@ class Call:
     version: str = ""
     images: int = 0
     started: float = 0.0
-    stats: Stats | None = None  # the resolved version's statistics, for inference calls
+    target: Model | None = None  # the resolved version, for its statistics (inference calls)
 
-    def set_model(self, name: str, version: int | str, stats: Stats | None = None) -> None:
-        self.model, self.version, self.stats = name, str(version), stats
+    def set_model(self, name: str, version: int | str, target: Model | None = None) -> None:
+        self.model, self.version, self.target = name, str(version), target
 
 
 class Calls:
     """Shared state of the servicers: the engine and the RPCs in flight."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Core) -> None:
         self.engine = engine
         self.in_flight = 0
         self._idle = asyncio.Event()
@@ -122,8 +122,8 @@ class Calls:
         if call.images:
             series[1].inc(call.images)
         series[2].observe(elapsed)
-        if call.images and call.stats is not None:
-            call.stats.record_request(code == grpc.StatusCode.OK, elapsed)
+        if call.images and call.target is not None:
+            self.engine.record_request(call.target, code == grpc.StatusCode.OK, elapsed)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, call: Call) -> None:

@@ -11,7 +11,7 @@ import grpc
 
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
-from service.engine import ImageInput, LoadedModel
+from service.core import ImageInput, Model
 from service.errors import InvalidInput, ServingError, shorten
 from service.images import tensor_from_bytes
 from service.predictions import Prediction
@@ -20,9 +20,7 @@ from service.servicers.calls import Call, Calls, deadline, one_message, ordered,
 API = "classifier.v1"
 
 
-def decode_images(
-    request: pb.ClassifyRequest, model: LoadedModel
-) -> list[ImageInput | InvalidInput]:
+def decode_images(request: pb.ClassifyRequest, model: Model) -> list[ImageInput | InvalidInput]:
     """Encoded files stay bytes (the engine decodes them); a raw tensor becomes (H, W, C) uint8,
     or the InvalidInput that fails only its own image."""
     inputs: list[ImageInput | InvalidInput] = []
@@ -66,7 +64,7 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
         self, request: pb.ClassifyRequest, context: grpc.aio.ServicerContext, call: Call
     ) -> pb.ClassifyResponse:
         model = self.engine.model(request.model, request.version or None)
-        call.set_model(request.model, model.spec.version, model.stats)
+        call.set_model(request.model, model.spec.version, model)
         call.images = len(request.images)
         self.engine.check_count(model, call.images)
         predictions = await self.engine.classify(
@@ -137,6 +135,6 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
                 width=spec.width,
                 channels=spec.channels,
             ),
-            execution_providers=list(model.session.providers),
+            execution_providers=list(model.providers),
             metadata_json=json.dumps(spec.metadata, sort_keys=True),
         )

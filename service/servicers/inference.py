@@ -11,7 +11,7 @@ import numpy as np
 
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.engine import LoadedModel
+from service.core import Model, Stats
 from service.errors import InvalidInput, ServingError, shorten
 from service.servicers import v2_codec
 from service.servicers.calls import Call, Calls, deadline, one_message, ordered, stream, unary
@@ -25,10 +25,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.calls = calls
         self.engine = calls.engine
 
-    def _model(self, name: str, version: str, call: Call) -> LoadedModel:
+    def _model(self, name: str, version: str, call: Call) -> Model:
         # Labels only once resolved: a client must not grow the metrics with made-up names.
         model = self.engine.model(name, v2_codec.parse_version(name, version))
-        call.set_model(name, model.spec.version, model.stats)
+        call.set_model(name, model.spec.version, model)
         return model
 
     @unary(API, while_draining=True)
@@ -63,7 +63,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         model = self._model(request.name, request.version, call)
         config = self.engine.config
         return v2_codec.model_config(
-            model.spec, config.max_batch_size, config.max_queue_delay_ms, model.session.on_cuda
+            model.spec, config.max_batch_size, config.max_queue_delay_ms, model.on_cuda
         )
 
     @unary(API)
@@ -87,7 +87,10 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                 for n in self.engine.names()
                 for v in self.engine.versions(n)
             ]
-        return pb.ModelStatisticsResponse(model_stats=[_statistics(m) for m in models])
+        stats = await self.engine.statistics(models)
+        return pb.ModelStatisticsResponse(
+            model_stats=[_statistics(m, s) for m, s in zip(models, stats, strict=True)]
+        )
 
     @unary(API)
     async def ModelInfer(self, request, context, call):  # type: ignore[no-untyped-def]
@@ -144,8 +147,7 @@ def _flag(request: pb.ModelInferRequest, name: str) -> bool:
     return name in request.parameters and request.parameters[name].bool_param
 
 
-def _statistics(model: LoadedModel) -> pb.ModelStatistics:
-    stats = model.stats
+def _statistics(model: Model, stats: Stats) -> pb.ModelStatistics:
     duration = pb.StatisticDuration
     return pb.ModelStatistics(
         name=model.spec.name,

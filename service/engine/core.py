@@ -1,0 +1,277 @@
+"""The engine: loaded model versions, their batchers and onnxruntime sessions.
+
+It loads every version in the repository at start, then polls for new and removed versions: a
+new one is loaded and warmed up before it takes traffic, a broken one is logged and skipped (and
+retried when its files change), a removed one is unloaded after its queue drains. In
+`serve --frontends 0` the servicers call it directly; otherwise it runs in the engine process
+(`service.engine.host`) and the front ends reach it over a local socket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from service import repository
+from service.batcher import Batcher, BatchReport
+from service.config import ServeConfig
+from service.core import Core, Model, Outputs, Stats, _add
+from service.errors import ConfigError, ModelLoadError
+from service.metrics import Metrics
+from service.repository import ModelSpec
+from service.runtime import Runtime, Session
+
+log = logging.getLogger(__name__)
+
+# Batches the CPU computes in less than this (by the warm-up timing) run on the event loop
+# thread: on a small CPU box the hand-off to a thread and back (and the GIL traffic while the
+# loop keeps taking requests) costs more than the loop pausing this long. Measured with
+# `bench/serve.py --models scratch --scenarios single-64` on 2 cores: 5 ms against 1 ms took
+# the default scratch net from 0.57-0.63x to 0.67-0.74x of the transport ceiling and its
+# server-side p99 from 23-28 ms to 5 ms; larger models (VGG16) still run in a thread.
+INLINE_BELOW_S = 0.005
+
+
+def record_batch(stats: Stats, report: BatchReport) -> None:
+    compute_ns = int(report.compute_s * 1e9)
+    stats.execution_count += 1
+    stats.inference_count += report.size
+    stats.last_inference_ms = int(time.time() * 1000)
+    _add(stats.compute, compute_ns)
+    _add(stats.batches.setdefault(report.size, [0, 0]), compute_ns)
+    for queued in report.queue_s:
+        _add(stats.queue, int(queued * 1e9))
+
+
+@dataclass(eq=False)
+class LoadedModel(Model):
+    session: Session
+    batcher: Batcher
+    stats: Stats
+
+
+class LiveGauges(Collector):
+    """The gauges read from the engine at scrape time (readiness, provider, queue depth): only
+    loaded versions have series, so an unloaded version leaves nothing behind."""
+
+    def __init__(self, engine: Engine) -> None:
+        self._engine = engine
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        mv = ["model", "version"]
+        ready = GaugeMetricFamily(
+            "cnn_serving_model_ready", "1 when the version is loaded and takes traffic.", labels=mv
+        )
+        depth = GaugeMetricFamily(
+            "cnn_serving_queue_depth", "Images waiting in the batch queue.", labels=mv
+        )
+        provider = GaugeMetricFamily(
+            "cnn_serving_execution_provider_info",
+            "1 for the onnxruntime execution provider each loaded version really runs on.",
+            labels=[*mv, "provider", "device"],
+        )
+        for model in self._engine.loaded():
+            labels = [model.spec.name, str(model.spec.version)]
+            ready.add_metric(labels, 1)
+            depth.add_metric(labels, model.batcher.depth)
+            device = "cuda" if model.on_cuda else "cpu"
+            provider.add_metric([*labels, model.providers[0], device], 1)
+        yield from (ready, depth, provider)
+
+
+class Engine(Core):
+    def __init__(self, config: ServeConfig, metrics: Metrics | None = None) -> None:
+        super().__init__(config, metrics)
+        self.runtime = Runtime(config.device, config.intra_op_threads)
+        self._failed: dict[tuple[str, int], tuple[int, ...]] = {}
+        self._compute = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
+        self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
+        self._poller: asyncio.Task[None] | None = None
+        self._stopping = threading.Event()  # tells a warm-up in the loader thread to give up
+        self.metrics.add_live(LiveGauges(self))
+
+    # ---- lifecycle
+
+    async def start(self) -> None:
+        """Load the repository once (ConfigError for an unusable --device cuda), then poll."""
+        await self.refresh()
+        self.ready = True
+        self._notify("", True)
+        if self.config.poll_interval_s > 0:
+            self._poller = asyncio.get_running_loop().create_task(self._poll(), name="poll")
+
+    async def stop(self) -> None:
+        self.ready = False
+        self._stopping.set()
+        if self._poller is not None:
+            self._poller.cancel()
+            await asyncio.gather(self._poller, return_exceptions=True)
+        for model in self.loaded():  # after the drain: whatever is left is cut
+            await model.batcher.close(graceful=False)
+        for pool in (self._compute, self._loader):
+            pool.shutdown(wait=False, cancel_futures=True)
+        await super().stop()
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.poll_interval_s)
+            try:
+                await self.refresh()
+            except ConfigError as exc:  # e.g. the repository is briefly missing
+                log.error("repository scan: %s; retrying in %ss", exc, self.config.poll_interval_s)
+            except Exception:  # a scan must never kill the poller
+                log.exception(
+                    "repository scan failed; retrying in %ss", self.config.poll_interval_s
+                )
+
+    async def refresh(self) -> None:
+        """Load versions that appeared, unload versions that disappeared."""
+        loop = asyncio.get_running_loop()
+        found = await loop.run_in_executor(self._loader, repository.scan, self.config.repository)
+        for name, versions in found.items():
+            if name not in self._models:
+                self._notify(name, False)  # known, not (yet) serving: health NOT_SERVING
+            for version in versions:
+                if version not in self._models.get(name, {}):
+                    await self._load(name, version)
+        for name in list(self._models):
+            for version in list(self._models[name]):
+                if version not in found.get(name, []):
+                    await self._unload(name, version)
+
+    async def _load(self, name: str, version: int) -> None:
+        loop = asyncio.get_running_loop()
+        signature = _signature(self.config.repository / name / str(version))
+        if self._failed.get((name, version)) == signature:
+            return  # already reported; retried when its files change
+        try:
+            spec, session = await loop.run_in_executor(self._loader, self._open, name, version)
+        except ModelLoadError as exc:
+            self._failed[(name, version)] = signature
+            log.error("skipping %s", exc)
+            return
+        self._failed.pop((name, version), None)
+        stats = Stats()
+        model = LoadedModel(
+            spec,
+            session.providers,
+            self.metrics.decode_duration.labels(name, str(version)),
+            session,
+            self._batcher(spec, session, stats),
+            stats,
+        )
+        model.batcher.start()
+        self._models.setdefault(name, {})[version] = model
+        log.info(
+            "loaded model %r version %d on %s (batch of %d: %.1f ms; batches up to %d run on "
+            "the event loop)",
+            name,
+            version,
+            ", ".join(session.providers),
+            self.config.max_batch_size,
+            session.max_batch_s * 1000,
+            model.batcher.inline_up_to,
+        )
+        self._notify(name, True)
+
+    def _open(self, name: str, version: int) -> tuple[ModelSpec, Session]:
+        spec = repository.read_spec(self.config.repository, name, version)
+        session = self.runtime.session(spec)
+        started = time.monotonic()
+        try:
+            session.warm_up(self.config.max_batch_size, self._stopping)
+        except Exception as exc:
+            raise ModelLoadError(
+                f"model {name!r} version {version}: warm-up failed: {exc}"
+            ) from exc
+        log.debug("warmed up %r v%d in %.2fs", name, version, time.monotonic() - started)
+        return spec, session
+
+    def _inline_up_to(self, session: Session) -> int:
+        """The largest batch that runs on the event loop: what the CPU computes in about
+        INLINE_BELOW_S, by the warm-up's timing (never on CUDA: its runs wait on the device)."""
+        if session.on_cuda:
+            return 0
+        per_image_s = session.max_batch_s / self.config.max_batch_size
+        return int(INLINE_BELOW_S / per_image_s) if per_image_s > 0 else 0
+
+    def _batcher(self, spec: ModelSpec, session: Session, stats: Stats) -> Batcher:
+        labels = (spec.name, str(spec.version))
+        batch_size = self.metrics.batch_size.labels(*labels)
+        inference = self.metrics.inference_duration.labels(*labels)
+        queue = self.metrics.queue_duration.labels(*labels)
+
+        def report(batch: BatchReport) -> None:
+            batch_size.observe(batch.size)
+            inference.observe(batch.compute_s)
+            for queued in batch.queue_s:
+                queue.observe(queued)
+            record_batch(stats, batch)
+
+        return Batcher(
+            session.run,
+            self._compute,
+            self.config.max_batch_size,
+            self.config.max_queue_delay_s,
+            self.config.max_queue_size,
+            report,
+            name=f"model {spec.name!r} version {spec.version}",
+            inline_up_to=self._inline_up_to(session),
+        )
+
+    async def _unload(self, name: str, version: int) -> None:
+        model = self._loaded(self._models[name].pop(version))
+        if not self._models[name]:
+            del self._models[name]
+        self._notify(name, name in self._models)
+        log.info("unloaded model %r version %d (gone from the repository)", name, version)
+        await model.batcher.close()
+
+    # ---- lookups and work
+
+    def loaded(self) -> list[LoadedModel]:
+        return [
+            model  # type: ignore[misc]
+            for versions in list(self._models.values())
+            for model in list(versions.values())
+        ]
+
+    def model(self, name: str, version: int | None = None) -> LoadedModel:
+        return super().model(name, version)  # type: ignore[return-value]
+
+    async def run(self, model: Model, batch: np.ndarray, deadline: float | None) -> Outputs:
+        return await self._loaded(model).batcher.submit(batch, deadline)
+
+    async def statistics(self, models: Sequence[Model]) -> list[Stats]:
+        return [self._loaded(model).stats for model in models]
+
+    def record_request(self, model: Model, ok: bool, seconds: float) -> None:
+        self._loaded(model).stats.record_request(ok, seconds)
+
+    @staticmethod
+    def _loaded(model: Model) -> LoadedModel:
+        if not isinstance(model, LoadedModel):  # a bug, not a client mistake
+            raise TypeError(f"{model.where} does not belong to this engine")
+        return model
+
+
+def _signature(folder: Path) -> tuple[int, ...]:
+    """Changes when a version's files change (so a broken version is retried once fixed)."""
+    stamps = []
+    for name in ("metadata.json", "model.onnx"):
+        try:
+            stat = (folder / name).stat()
+            stamps += [stat.st_mtime_ns, stat.st_size]
+        except OSError:
+            stamps += [0, 0]
+    return tuple(stamps)
