@@ -48,6 +48,23 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         required="CNN_SERVING_REPOSITORY" not in os.environ,
     )
     add_option(p, "--host", "address to bind both ports on", default="0.0.0.0")
+    add_option(
+        p,
+        "--frontends",
+        "front-end processes sharing the gRPC port (gRPC, decoding), beside one engine "
+        "process that batches across all of them and runs onnxruntime; default: one per "
+        "core; 0: everything in one process",
+        type=int,
+        default=max(1, os.cpu_count() or 1),
+    )
+    add_option(
+        p,
+        "--frontend-shm-mib",
+        "shared memory per front end for the pixels of requests in flight, in MiB (in "
+        "/dev/shm; a request that does not fit gets a segment of its own)",
+        type=int,
+        default=32,
+    )
     add_option(p, "--grpc-port", "gRPC port; 0 picks a free one (logged)", type=int, default=8001)
     add_option(
         p,
@@ -211,14 +228,19 @@ def serve_config(args: argparse.Namespace) -> ServeConfig:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    from service.server import serve  # noqa: PLC0415 - keeps `--help` fast
+    from service.logs import configure  # noqa: PLC0415 - keeps `--help` fast
 
-    logging.basicConfig(
-        level=args.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
-    asyncio.run(serve(serve_config(args)))
+    config = serve_config(args)
+    if config.frontends == 0:
+        from service.server import serve  # noqa: PLC0415
+
+        configure(config.log_level)
+        asyncio.run(serve(config))
+    else:
+        from service.supervisor import supervise  # noqa: PLC0415
+
+        configure(config.log_level, "supervisor")
+        asyncio.run(supervise(config))
     return 0
 
 

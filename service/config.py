@@ -4,8 +4,10 @@ constructor and never read the environment themselves."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import json
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 from service.errors import ConfigError
 
@@ -31,10 +33,15 @@ class ServeConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token_file: Path | None = None
+    frontends: int = 0  # front-end processes beside one engine process; 0: one process
+    frontend_shm_mib: int = 32  # each front end's shared-memory arena for pixels
+    log_level: str = "INFO"
 
     def __post_init__(self) -> None:
         checks = [
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (0 <= self.frontends <= 256, "--frontends must be 0-256 (0: a single process)"),
+            (self.frontend_shm_mib >= 1, "--frontend-shm-mib must be at least 1"),
             (0 <= self.grpc_port <= 65535, "--grpc-port must be 0-65535 (0: pick a free port)"),
             (-1 <= self.metrics_port <= 65535, "--metrics-port must be -1 (off) or 0-65535"),
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
@@ -53,6 +60,20 @@ class ServeConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+
+    def to_json(self) -> str:
+        """For a child process (`from_json`)."""
+        values = {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return json.dumps(values)
+
+    @classmethod
+    def from_json(cls, text: str) -> ServeConfig:
+        values: dict[str, Any] = json.loads(text)
+        paths = {f.name for f in fields(cls) if "Path" in str(f.type)}
+        for name in paths:
+            if values.get(name) is not None:
+                values[name] = Path(values[name])
+        return cls(**values)
 
     @property
     def max_queue_delay_s(self) -> float:

@@ -112,10 +112,11 @@ class Server:
     """The gRPC server over a core: the in-process `Engine` by default, or a front end's
     `EngineClient`."""
 
-    def __init__(self, config: ServeConfig, engine: Core | None = None) -> None:
+    def __init__(self, config: ServeConfig, engine: Core | None = None, frontend: int = 0) -> None:
         self.config = config
         self.engine = engine or Engine(config, Metrics())
         self.metrics = self.engine.metrics
+        self.frontend = frontend  # N > 0: front end N of several sharing the port
         self.calls = Calls(self.engine)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
@@ -135,9 +136,10 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = [WellFormed(ours)]
         if token:
             interceptors.insert(0, TokenAuth(token))
-        server = grpc.aio.server(
-            interceptors=interceptors, options=channel_options(config.max_message_bytes)
-        )
+        options = channel_options(config.max_message_bytes)
+        if self.frontend:  # every front end listens on the same port
+            options = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
+        server = grpc.aio.server(interceptors=interceptors, options=options)
         self._server = server
         grpc_predict_v2_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.calls), server
@@ -171,16 +173,20 @@ class Server:
                     f"{exc.strerror}"
                 ) from exc
         await server.start()
-        log.info(
-            "gRPC listening on %s:%d%s; metrics on :%d/metrics",
-            config.host,
-            self.grpc_port,
-            " (TLS)" if tls else "",
-            self.metrics_port,
-        )
+        if not self.frontend:
+            log.info(
+                "gRPC listening on %s:%d%s; metrics on :%d/metrics",
+                config.host,
+                self.grpc_port,
+                " (TLS)" if tls else "",
+                self.metrics_port,
+            )
         await self.engine.start()
         await self.health.set("", SERVING)
-        self._log_ready()
+        if self.frontend:
+            log.info("front end %d serving on port %d", self.frontend, self.grpc_port)
+        else:
+            self._log_ready()
 
     def _model_health(self, name: str, serving: bool) -> None:
         status = SERVING if serving and not self.engine.draining else NOT_SERVING

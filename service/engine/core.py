@@ -250,7 +250,17 @@ class Engine(Core):
         return super().model(name, version)  # type: ignore[return-value]
 
     async def run(self, model: Model, batch: np.ndarray, deadline: float | None) -> Outputs:
-        return await self._loaded(model).batcher.submit(batch, deadline)
+        future = self.submit(model, batch, deadline)
+        try:
+            return await future
+        finally:
+            future.cancel()  # a caller that went away withdraws its request
+
+    def submit(
+        self, model: Model, batch: np.ndarray, deadline: float | None
+    ) -> asyncio.Future[Outputs]:
+        """Queue a checked (N, H, W, C) uint8 batch; cancel the future to withdraw it."""
+        return self._loaded(model).batcher.put(batch, deadline)
 
     async def statistics(self, models: Sequence[Model]) -> list[Stats]:
         return [self._loaded(model).stats for model in models]

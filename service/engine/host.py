@@ -1,0 +1,256 @@
+"""The engine process: one `Engine` (sessions, one batch queue per version, the repository
+poller) serving every front-end process over a local Unix socket.
+
+    started by `python -m service serve --frontends N` (service.supervisor); not run by hand
+
+A front end sends `Infer` records naming where its pixels are in shared memory; requests from
+all front ends join the same batch queues. Answers go back as `Result` or `Failure`, at most one
+write per front end per loop turn. A `Catalogue` of what is loaded goes to every front end on
+its hello and on every change. The engine also serves the one /metrics of the whole server.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import functools
+import logging
+import math
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service.config import ServeConfig
+from service.core import Outputs, Stats
+from service.engine.core import Engine, LoadedModel
+from service.errors import ServingError
+from service.ipc import records as rec
+from service.ipc.channel import Channel
+from service.ipc.link import ChildLink
+from service.ipc.shm import Segments
+from service.logs import configure as configure_logging
+from service.metrics import Metrics
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Peer:
+    """One connected front end."""
+
+    pid: int = 0
+    requests: dict[int, asyncio.Future[Outputs]] = field(default_factory=dict)
+
+
+def catalogue(engine: Engine) -> dict[str, Any]:
+    return {"ready": engine.ready, "models": [_describe(m) for m in engine.loaded()]}
+
+
+def _describe(model: LoadedModel) -> dict[str, Any]:
+    spec = model.spec
+    return {
+        "name": spec.name,
+        "version": spec.version,
+        "path": str(spec.path),
+        "labels": list(spec.labels),
+        "input_name": spec.input_name,
+        "height": spec.height,
+        "width": spec.width,
+        "channels": spec.channels,
+        "metadata": spec.metadata,
+        "providers": list(model.providers),
+    }
+
+
+class EngineHost:
+    def __init__(self, engine: Engine, socket_path: Path, segment_prefix: str) -> None:
+        self.engine = engine
+        self._path = socket_path
+        self._segments = Segments(segment_prefix)
+        self._peers: dict[Channel, Peer] = {}
+        self._server: asyncio.AbstractServer | None = None
+        self._broadcast_armed = False
+
+    async def start(self) -> None:
+        await self.engine.start()
+        self.engine.on_model_change(lambda name, serving: self._changed())
+        self._path.unlink(missing_ok=True)
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(
+            lambda: Channel(self._frame, self._lost), str(self._path)
+        )
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for channel in list(self._peers):
+            channel.close()
+        await self.engine.stop()
+        self._path.unlink(missing_ok=True)
+
+    # ---- catalogue
+
+    def _changed(self) -> None:
+        if not self._broadcast_armed:  # one catalogue per loop turn, however many changes
+            self._broadcast_armed = True
+            asyncio.get_running_loop().call_soon(self._broadcast)
+
+    def _broadcast(self) -> None:
+        self._broadcast_armed = False
+        payload = rec.Control(catalogue(self.engine)).encode()
+        for channel in self._peers:
+            channel.send(rec.Kind.CATALOGUE, payload)
+
+    # ---- frames from front ends
+
+    def _frame(self, channel: Channel, kind: rec.Kind, payload: bytes) -> None:
+        peer = self._peers.setdefault(channel, Peer())
+        if kind is rec.Kind.INFER:
+            self._infer(channel, peer, rec.Infer.decode(payload))
+        elif kind is rec.Kind.DONE:
+            self._done(rec.Done.decode(payload))
+        elif kind is rec.Kind.CANCEL:
+            future = peer.requests.pop(rec.Cancel.decode(payload).request, None)
+            if future is not None:
+                future.cancel()
+        elif kind is rec.Kind.HELLO:
+            peer.pid = int(rec.Control.decode(payload).body["pid"])
+            channel.send(rec.Kind.CATALOGUE, rec.Control(catalogue(self.engine)).encode())
+        elif kind is rec.Kind.STATS_ASK:
+            self._stats(channel, rec.Control.decode(payload).body)
+        else:
+            log.error("unexpected %s record from front end %d; ignored", kind.name, peer.pid)
+
+    def _infer(self, channel: Channel, peer: Peer, record: rec.Infer) -> None:
+        try:
+            model = self.engine.model(record.model, record.version)
+            shape = model.spec.image_shape
+            size = record.count * math.prod(shape)
+            pixels = self._segments.view(record.segment, record.offset, size, record.transient)
+            future = self.engine.submit(
+                model, pixels.reshape(record.count, *shape), _deadline(record)
+            )
+        except ServingError as exc:
+            channel.send(rec.Kind.FAILURE, rec.Failure.of(record.request, exc).encode())
+            return
+        except (ValueError, OSError) as exc:  # a front end's bug: refuse the request, say why
+            log.error("front end %d: bad request record: %s", peer.pid, exc)
+            failure = rec.Failure(record.request, "INTERNAL", "internal error (see server log)")
+            channel.send(rec.Kind.FAILURE, failure.encode())
+            return
+        peer.requests[record.request] = future
+        future.add_done_callback(functools.partial(self._answer, channel, peer, record.request))
+
+    def _answer(
+        self, channel: Channel, peer: Peer, request: int, future: asyncio.Future[Outputs]
+    ) -> None:
+        peer.requests.pop(request, None)
+        if channel.closed or future.cancelled():
+            return
+        error = future.exception()
+        if error is None:
+            outputs = future.result()
+            result = rec.Result(request, outputs["probabilities"], outputs["bottleneck"])
+            channel.send(rec.Kind.RESULT, result.encode())
+            return
+        if not isinstance(error, ServingError):
+            log.error("request failed", exc_info=error)
+            error = ServingError("inference failed (see server log)")
+        channel.send(rec.Kind.FAILURE, rec.Failure.of(request, error).encode())
+
+    def _done(self, record: rec.Done) -> None:
+        try:
+            model = self.engine.model(record.model, record.version)
+        except ServingError:
+            return  # unloaded since: its statistics went with it
+        model.stats.record_request(record.ok, record.ns / 1e9)
+
+    def _stats(self, channel: Channel, body: dict[str, Any]) -> None:
+        answers = []
+        for name, version in body["models"]:
+            try:
+                answers.append(self.engine.model(name, version).stats.to_dict())
+            except ServingError:
+                answers.append(Stats().to_dict())
+        reply = rec.Control({"request": body["request"], "stats": answers})
+        channel.send(rec.Kind.STATS, reply.encode())
+
+    def _lost(self, channel: Channel) -> None:
+        peer = self._peers.pop(channel, None)
+        if peer is None:
+            return
+        for future in peer.requests.values():
+            future.cancel()
+        self._segments.forget(peer.pid)
+        log.info("front end %d disconnected", peer.pid)
+
+
+def _deadline(record: rec.Infer) -> float | None:
+    return record.deadline if record.deadline > 0 else None
+
+
+# ---- the process
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service.engine.host", description=__doc__)
+    p.add_argument("--config", required=True, help="the ServeConfig, as JSON")
+    p.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
+    p.add_argument("--segment-prefix", required=True, help="front ends' shared-memory prefix")
+    p.add_argument("--metrics-dir", type=Path, help="prometheus_client multiprocess folder")
+    p.add_argument("--link-fd", type=int, required=True, help="the supervisor's link")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = ServeConfig.from_json(args.config)
+    link = ChildLink(args.link_fd)
+    engine = Engine(config, Metrics(args.metrics_dir))
+    host = EngineHost(engine, args.socket, args.segment_prefix)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    link.watch(stop.set)
+    starting = asyncio.ensure_future(host.start())
+    await asyncio.wait(
+        [starting, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
+    )
+    try:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        starting.result()
+        metrics_port = -1
+        if config.metrics_port >= 0:
+            metrics_port = engine.metrics.serve(config.host, config.metrics_port)
+        link.ready(metrics_port=metrics_port, models=_loaded_names(engine))
+        await stop.wait()
+    finally:
+        await host.stop()
+        engine.metrics.close()
+
+
+def _loaded_names(engine: Engine) -> list[str]:
+    return [f"{m.spec.name} v{m.spec.version} on {m.providers[0]}" for m in engine.loaded()]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the shutdown
+    args = parse_args(argv)
+    configure_logging(ServeConfig.from_json(args.config).log_level, "engine")
+    try:
+        asyncio.run(serve(args))
+    except ServingError as exc:
+        ChildLink(args.link_fd).failed(str(exc))
+        return 2
+    log.info("stopped (pid %d)", os.getpid())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

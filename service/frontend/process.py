@@ -1,0 +1,80 @@
+"""A front-end process: the gRPC server (`service.server.Server`) over an `EngineClient`.
+
+    started by `python -m service serve --frontends N` (service.supervisor); not run by hand
+
+It binds the shared gRPC port with SO_REUSEPORT beside the other front ends, so the kernel
+spreads connections over them. SIGTERM (or the supervisor going away) drains it: health
+NOT_SERVING, new RPCs UNAVAILABLE, RPCs in flight finish, exit 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from service.config import ServeConfig
+from service.errors import ServingError
+from service.frontend.remote import EngineClient
+from service.ipc.link import ChildLink
+from service.logs import configure as configure_logging
+from service.metrics import Metrics
+from service.server import Server
+
+log = logging.getLogger(__name__)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m service.frontend.process", description=__doc__)
+    p.add_argument("--config", required=True, help="the ServeConfig, as JSON")
+    p.add_argument("--index", type=int, required=True, help="this front end's number, from 1")
+    p.add_argument("--socket", required=True, type=Path, help="the engine's Unix socket")
+    p.add_argument("--segment-prefix", required=True, help="shared-memory segment prefix")
+    p.add_argument("--metrics-dir", type=Path, help="prometheus_client multiprocess folder")
+    p.add_argument("--link-fd", type=int, required=True, help="the supervisor's link")
+    return p.parse_args(argv)
+
+
+async def serve(args: argparse.Namespace) -> None:
+    config = ServeConfig.from_json(args.config)
+    link = ChildLink(args.link_fd)
+    client = EngineClient(config, Metrics(args.metrics_dir), args.socket, args.segment_prefix)
+    server = Server(config, client, frontend=args.index)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    link.watch(stop.set)
+    starting = asyncio.ensure_future(server.start())
+    await asyncio.wait(
+        [starting, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
+    )
+    try:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        starting.result()
+        link.ready(port=server.grpc_port)
+        await stop.wait()
+    finally:
+        await server.drain()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the shutdown
+    args = parse_args(argv)
+    configure_logging(ServeConfig.from_json(args.config).log_level, f"frontend-{args.index}")
+    try:
+        asyncio.run(serve(args))
+    except ServingError as exc:
+        ChildLink(args.link_fd).failed(str(exc))
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
