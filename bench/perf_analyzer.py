@@ -175,6 +175,11 @@ def parse_csv(path: Path) -> dict[str, float]:
     }
 
 
+def _last_lines(text: str, count: int = 2) -> str:
+    """The last `count` non-blank lines of text, joined with " | "."""
+    return " | ".join([line.strip() for line in text.splitlines() if line.strip()][-count:])
+
+
 def run(
     model: str, url: str, shape: str, concurrency: int, batch: int = 1,
     interval_ms: int = 5000, max_trials: int = MAX_TRIALS, timeout_s: float | None = None,
@@ -201,11 +206,9 @@ def run(
     if not numbers:
         numbers, source = parse_stdout(out), "stdout"
     error = None
-    if not numbers:
-        source = "none"
-        error = " | ".join((err + out).strip().splitlines()[-3:]) or f"exit {returncode}"
-    elif returncode and ABORT not in err + out:
-        error = " | ".join((err or out).strip().splitlines()[-2:]) or f"exit {returncode}"
+    if not numbers or (returncode and ABORT not in err + out):
+        source = source if numbers else "none"
+        error = _last_lines(err) or _last_lines(out) or f"exit {returncode}"
     values = {k: numbers.get(k) for k in _CLIENT}
     return Result(
         **values, aborted=returncode != 0, source=source, returncode=returncode,

@@ -8,6 +8,7 @@ Reads py-spy's raw (collapsed) stacks, one "frame;frame;...;leaf COUNT" a line, 
 the function as the leaf; inclusive: samples with it anywhere in the stack (once per stack).
 Percentages are of every sample (each thread that was not idle counts once per tick); with
 --root TEXT, of the samples whose stack contains TEXT (e.g. "<module>" for the main thread).
+--hide-above PCT leaves out of the inclusive table the spine (functions on nearly every stack).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ def function(frame: str) -> str:
     return f"{match[1]} ({match[2]})" if match else frame
 
 
-def summarize(text: str, root: str | None = None) -> tuple[int, dict[str, int], dict[str, int]]:
+def summarize(
+    text: str, root: str | None = None
+) -> tuple[int, collections.Counter[str], collections.Counter[str]]:
     """(total samples, self samples by function, inclusive samples by function)."""
     total, own, inclusive = 0, collections.Counter[str](), collections.Counter[str]()
     for line in text.splitlines():
@@ -44,11 +47,14 @@ def summarize(text: str, root: str | None = None) -> tuple[int, dict[str, int], 
     return total, own, inclusive
 
 
-def table(text: str, top: int, root: str | None = None) -> str:
+def table(text: str, top: int, root: str | None = None, hide_above: float = 101.0) -> str:
     total, own, inclusive = summarize(text, root)
+    shown = collections.Counter(
+        {k: v for k, v in inclusive.items() if 100 * v / max(total, 1) < hide_above}
+    )
     scope = f"samples whose stack contains {root!r}" if root else "all samples"
     lines = [f"{total} samples ({scope})", ""]
-    for title, key in (("self", own), ("inclusive", inclusive)):
+    for title, key in (("self", own), ("inclusive", shown)):
         lines += [f"Top {top} by {title} time:", "", "| # | function (file) | self % | incl. % |"]
         lines.append("|---|---|---|---|")
         for rank, (name, _) in enumerate(key.most_common(top), 1):
@@ -63,8 +69,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("profile", type=Path, help="py-spy record --format raw output")
     p.add_argument("--top", type=int, default=15, help="functions per table (default: 15)")
     p.add_argument("--root", help="only stacks with a frame containing this text")
+    p.add_argument(
+        "--hide-above",
+        type=float,
+        default=101.0,
+        metavar="PCT",
+        help="inclusive table: leave out functions at or above PCT %% (default: none)",
+    )
     args = p.parse_args(argv)
-    print(table(args.profile.read_text(), args.top, args.root))
+    print(table(args.profile.read_text(), args.top, args.root, args.hide_above))
     return 0
 
 

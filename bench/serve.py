@@ -107,7 +107,7 @@ OPTIONS = (  # flag, default (shown by --help), type, help
     ("--load", "python", str, "python: the asyncio client process, with compute and transport "
      "ceilings; perf-analyzer: Triton's perf_analyzer (closed-loop scenarios, no ceilings)"),
     ("--frontends", "", str, "comma-separated values for the server's --frontends (e.g. 0,2), "
-     "one server per value; empty: the flag is not passed"),
+     "one server per value; empty: the flag is not passed (the server's own default)"),
     ("--scenarios", None, str, f"comma-separated subset of {', '.join([*CLOSED, OPEN])}; none: "
      f"all with --load python, {','.join(PERF_ANALYZER_SCENARIOS)} with perf-analyzer; "
      "open-loop sends single images at half the best single-* rate, so it needs one of those"),
@@ -387,7 +387,8 @@ class ModelServer:
             if found := re.search(r"metrics on :(-?\d+)/metrics", line):
                 metrics_port = int(found[1])
             if "ready: serving" in line:
-                port = int(re.search(r" on port (\d+)\s*$", line)[1])  # type: ignore[index]
+                # "... on port N" (--frontends 0), "... on port N (2 front ends, ...)" (>= 1)
+                port = int(re.search(r" on port (\d+)\b", line)[1])  # type: ignore[index]
                 return metrics_port, port, re.findall(r" v\d+ on (\w+)", line)
         raise RuntimeError("server exited before it was ready:\n" + "".join(self.tail))
 

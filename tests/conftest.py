@@ -171,6 +171,12 @@ class Served:
         return self.process.wait(timeout_s)
 
 
+# The mode of every server a test starts without naming --frontends itself: the split one (what
+# `serve` runs by default on this 2-core machine) unless a module's `frontends` fixture
+# (tests/service/conftest.py) runs its tests in both modes.
+SERVER_MODE = {"frontends": "2"}
+
+
 def start_server(
     repo: Path,
     *options: str,
@@ -180,6 +186,8 @@ def start_server(
 ) -> Served:
     """`python -m service serve` on free ports; returns once it logs that it is ready.
     `python` and `cwd` choose the interpreter and where it runs (the checkout by default)."""
+    if "--frontends" not in options:
+        options = ("--frontends", SERVER_MODE["frontends"], *options)
     command = [str(python), "-m", "service", "serve", "--repository", str(repo),
                "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
                "--device", "cpu", *options]  # fmt: skip

@@ -19,6 +19,8 @@ from tests.conftest import MODEL, ROOT, Served, png, reference, start_server
 
 GRPCURL = Path(sys.executable).with_name("grpcurl")
 
+pytestmark = pytest.mark.usefixtures("frontends")  # both server modes
+
 
 def self_signed(folder: Path) -> tuple[Path, Path]:
     """A certificate for 127.0.0.1 / localhost and its key, as PEM files."""
