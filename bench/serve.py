@@ -376,7 +376,11 @@ class ModelServer:
         self._stderr = self.process.stderr
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self.warnings: list[str] = []
-        self.metrics_port, self.port, self.providers = self._wait_ready()
+        try:
+            self.metrics_port, self.port, self.providers = self._wait_ready()
+        except BaseException:  # not ready (or not understood): leave no server behind
+            self.stop()
+            raise
         self.target = f"127.0.0.1:{self.port}"
         threading.Thread(target=self._drain, daemon=True).start()
 
@@ -402,8 +406,14 @@ class ModelServer:
             self._keep(line)
 
     def stop(self) -> None:
-        self.process.send_signal(signal.SIGTERM)
-        self.process.wait(timeout=120)
+        """SIGTERM (the serve process stops its own children), SIGKILL after 120 s."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
         self._view.cleanup()
 
 
