@@ -53,9 +53,9 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--frontends",
         "front-end processes sharing the gRPC port (gRPC, decoding), beside one engine "
         "process that batches across all of them and runs onnxruntime; default: one per "
-        "core; 0: everything in one process",
+        "core this process may run on; 0: everything in one process",
         type=int,
-        default=max(1, os.cpu_count() or 1),
+        default=len(os.sched_getaffinity(0)),
     )
     add_option(
         p,
@@ -63,7 +63,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "shared memory per front end for the pixels of requests in flight, in MiB (in "
         "/dev/shm; a request that does not fit gets a segment of its own)",
         type=int,
-        default=32,
+        default=16,
     )
     add_option(p, "--grpc-port", "gRPC port; 0 picks a free one (logged)", type=int, default=8001)
     add_option(

@@ -34,7 +34,7 @@ class ServeConfig:
     tls_key: Path | None = None
     auth_token_file: Path | None = None
     frontends: int = 0  # front-end processes beside one engine process; 0: one process
-    frontend_shm_mib: int = 32  # each front end's shared-memory arena for pixels
+    frontend_shm_mib: int = 16  # each front end's shared-memory arena for pixels
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

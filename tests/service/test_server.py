@@ -336,6 +336,16 @@ def test_queue_overflow_is_resource_exhausted(repository: Path, sample_images):
         assert served.stop() == 0
 
 
+def eventually(check, timeout_s: float = 10) -> bool:
+    """True once `check()` is (polled until `timeout_s`): for what crosses processes."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def test_hot_reload_of_a_new_version(private_repo: Path, sample_images):
     served = start_server(private_repo, "--poll-interval-s", "0.2")
     x, _ = sample_images
@@ -345,12 +355,13 @@ def test_hot_reload_of_a_new_version(private_repo: Path, sample_images):
         staging.rename(private_repo / MODEL / "2")
         served.log.wait_for(r"loaded model 'fashion' version 2", 60)
         with Client(served.target) as client:
-            assert client.list_models() == {MODEL: [1, 2]}
+            # With front ends, the engine's catalogue reaches them a moment after its log line.
+            assert eventually(lambda: client.list_models() == {MODEL: [1, 2]})
             assert client.classify([x[0]], MODEL)[0].version == 2  # newest by default
             assert client.classify([x[0]], MODEL, version=1)[0].version == 1
             shutil.rmtree(private_repo / MODEL / "1")
             served.log.wait_for(r"unloaded model 'fashion' version 1", 60)
-            assert client.list_models() == {MODEL: [2]}
+            assert eventually(lambda: client.list_models() == {MODEL: [2]})
             # A broken version is logged and skipped; the others keep serving.
             (private_repo / MODEL / "3").mkdir()
             served.log.wait_for(r"skipping model 'fashion' version 3 .*no metadata.json", 60)
