@@ -52,6 +52,13 @@ class Stats:
     def record_request(self, ok: bool, seconds: float) -> None:
         _add(self.success if ok else self.fail, int(seconds * 1e9))
 
+    def record_requests(self, ok: int, ok_ns: int, failed: int, failed_ns: int) -> None:
+        """Several finished requests at once (their summed durations)."""
+        self.success[0] += ok
+        self.success[1] += ok_ns
+        self.fail[0] += failed
+        self.fail[1] += failed_ns
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 

@@ -14,10 +14,11 @@ back), plus the gauges it reads live at scrape time.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -38,6 +39,12 @@ class Metrics:
     """`multiprocess_dir`: this process is one of several writing there (see above)."""
 
     def __init__(self, multiprocess_dir: Path | None = None) -> None:
+        if multiprocess_dir is not None:
+            # prometheus_client asks os.getpid() (a system call) on every update, to notice a
+            # fork; our processes are started fresh and never fork, so their pid is fixed
+            # (measured: getpid was 3.6 % of a front end's samples under load).
+            pid = os.getpid()
+            values.ValueClass = values.MultiProcessValue(lambda: pid)
         self.multiprocess_dir = multiprocess_dir
         self._live: list[Collector] = []
         self.registry = CollectorRegistry()

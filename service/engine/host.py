@@ -167,7 +167,7 @@ class EngineHost:
             model = self.engine.model(record.model, record.version)
         except ServingError:
             return  # unloaded since: its statistics went with it
-        model.stats.record_request(record.ok, record.ns / 1e9)
+        model.stats.record_requests(record.ok, record.ok_ns, record.failed, record.failed_ns)
 
     def _stats(self, channel: Channel, body: dict[str, Any]) -> None:
         answers = []

@@ -48,6 +48,7 @@ class EngineClient(Core):
         self._pending: dict[int, tuple[asyncio.Future[Outputs], Lease]] = {}
         self._asked: dict[int, asyncio.Future[list[dict[str, Any]]]] = {}
         self._ids = itertools.count(1)
+        self._tally: dict[tuple[str, int], list[int]] = {}  # [ok, ok ns, failed, failed ns]
         self._catalogued = asyncio.Event()
         self._connector: asyncio.Task[None] | None = None
         self._stopping = False
@@ -194,14 +195,26 @@ class EngineClient(Core):
                 channel.send(rec.Kind.CANCEL, rec.Cancel(request).encode())
 
     def record_request(self, model: Model, ok: bool, seconds: float) -> None:
-        if self._channel is not None:
-            done = rec.Done(model.spec.name, model.spec.version, ok, int(seconds * 1e9))
-            self._channel.send(rec.Kind.DONE, done.encode())
+        """Tallied per version and sent once per loop turn (a Done per version)."""
+        if not self._tally:
+            asyncio.get_running_loop().call_soon(self._send_tally)
+        tally = self._tally.setdefault((model.spec.name, model.spec.version), [0, 0, 0, 0])
+        slot = 0 if ok else 2
+        tally[slot] += 1
+        tally[slot + 1] += int(seconds * 1e9)
+
+    def _send_tally(self) -> None:
+        tally, self._tally = self._tally, {}
+        if self._channel is None:
+            return  # the engine went away, and the statistics of its versions with it
+        for (name, version), counts in tally.items():
+            self._channel.send(rec.Kind.DONE, rec.Done(name, version, *counts).encode())
 
     async def statistics(self, models: Sequence[Model]) -> list[Stats]:
         channel = self._channel
         if channel is None:
             raise Unavailable("the engine process is restarting; retry")
+        self._send_tally()  # what finished before this call counts in its answer
         request = next(self._ids)
         waiter: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
         self._asked[request] = waiter

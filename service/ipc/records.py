@@ -155,22 +155,26 @@ class Cancel:
 
 @dataclass(frozen=True)
 class Done:
-    """A request of `model` `version` finished in a front end (ok or not), taking `ns`."""
+    """Requests of `model` `version` that finished in a front end since its last Done: how many
+    succeeded and failed, and their summed durations (ns). One per version per loop turn."""
 
     model: str
     version: int
-    ok: bool
-    ns: int
+    ok: int
+    ok_ns: int
+    failed: int
+    failed_ns: int
 
-    _HEAD = struct.Struct("<I?Q")
+    _HEAD = struct.Struct("<IIQIQ")
 
     def encode(self) -> bytes:
-        return self._HEAD.pack(self.version, self.ok, self.ns) + self.model.encode()
+        head = self._HEAD.pack(self.version, self.ok, self.ok_ns, self.failed, self.failed_ns)
+        return head + self.model.encode()
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Done:
-        version, ok, ns = cls._HEAD.unpack_from(data)
-        return cls(bytes(data[cls._HEAD.size :]).decode(), version, ok, ns)
+        version, ok, ok_ns, failed, failed_ns = cls._HEAD.unpack_from(data)
+        return cls(bytes(data[cls._HEAD.size :]).decode(), version, ok, ok_ns, failed, failed_ns)
 
 
 @dataclass(frozen=True)

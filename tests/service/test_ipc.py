@@ -21,7 +21,7 @@ PREFIX = f"cnn-serving-test{os.getpid()}"
 def test_records_round_trip():
     infer = rec.Infer(2**40, "fashion-ü", 3, 64, f"{PREFIX}.1.0", 4096, 123.25, True)
     assert rec.Infer.decode(infer.encode()) == infer
-    done = rec.Done("fashion", 7, False, 1_234_567)
+    done = rec.Done("fashion", 7, 30, 2**40, 2, 1_234_567)
     assert rec.Done.decode(done.encode()) == done
     assert rec.Cancel.decode(rec.Cancel(99).encode()) == rec.Cancel(99)
     control = rec.Control({"pid": 5, "models": [["a", 1]]})
