@@ -400,6 +400,8 @@ class ModelServer:
         self.tail.append(line)
         if " WARNING " in line or " ERROR " in line:
             self.warnings.append(line.rstrip())
+        elif self.warnings and not re.match(r"\d{4}-\d\d-\d\d ", line):
+            self.warnings[-1] += "\n" + line.rstrip()  # a traceback belongs to its line
 
     def _drain(self) -> None:
         for line in self._stderr:

@@ -310,7 +310,8 @@ class Batcher:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-        running, self._running = self._running or [], None
+        # a copy: the running batch's list is still its thread's, to answer and report on
+        running, self._running = list(self._running or []), None
         while self._pending:
             running.append(self._pending.popleft())
         self._queued_images = 0

@@ -130,8 +130,15 @@ class Supervisor:
         first (its own error line is already on stderr)."""
         ours, fd = links.pair()
         try:
+            # Its own session: a terminal's Ctrl-C reaches the supervisor alone, which stops
+            # the children in order (front ends first); a killed supervisor closes the link.
             child.process = await asyncio.create_subprocess_exec(
-                *child.command, "--link-fd", str(fd), pass_fds=(fd,), env=self._env
+                *child.command,
+                "--link-fd",
+                str(fd),
+                pass_fds=(fd,),
+                env=self._env,
+                start_new_session=True,
             )
         finally:
             os.close(fd)

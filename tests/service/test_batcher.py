@@ -164,7 +164,9 @@ def test_hard_close_fails_what_is_queued() -> None:
     gate = Gate()
 
     async def scenario() -> None:
-        batcher, _ = make(gate, max_batch=1, delay_s=0.0)
+        errors: list[dict] = []  # what the loop caught in callbacks (the batcher's own)
+        asyncio.get_running_loop().set_exception_handler(lambda _loop, c: errors.append(c))
+        batcher, reports = make(gate, max_batch=1, delay_s=0.0)
         batcher.start()
         running = asyncio.ensure_future(batcher.submit(images(1)))
         await asyncio.get_running_loop().run_in_executor(None, gate.entered.wait, 5)
@@ -175,6 +177,9 @@ def test_hard_close_fails_what_is_queued() -> None:
         for future in (running, queued):
             with pytest.raises(Unavailable, match="shutting down"):
                 await future
+        while not reports:  # the cut batch still finishes in its thread, and is reported
+            await asyncio.sleep(0.01)
+        assert errors == [] and reports[0].size == 1
 
     asyncio.run(scenario())
 

@@ -202,6 +202,19 @@ def test_a_killed_engine_turns_front_ends_not_serving_then_traffic_resumes(
         assert stub.ModelReady(v2.ModelReadyRequest(name=MODEL), timeout=10).ready
 
 
+def test_sigterm_under_load_fails_nothing_in_flight_and_exits_0(split: Served, sample_images):
+    x, _ = sample_images
+    load = Load(split, x)
+    load.wait_for(300)
+    split.process.send_signal(signal.SIGTERM)
+    assert split.process.wait(90) == 0
+    codes = load.stop()
+    # calls taken before the drain are answered; later ones are refused UNAVAILABLE (draining,
+    # or no listener any more): never CANCELLED, DEADLINE_EXCEEDED or INTERNAL
+    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    assert split.log.wait_for(r"\[supervisor\] .*: stopped", 1)
+
+
 def test_a_new_version_is_seen_by_every_front_end(private_repo: Path):
     served = start_server(private_repo, "--frontends", "2", "--poll-interval-s", "0.2")
     try:
