@@ -33,6 +33,8 @@ from service.servicers.inference import InferenceServicer
 log = logging.getLogger(__name__)
 
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
+QUIET_S = 0.1  # a drain stops the gRPC server once no RPC was refused for this long...
+MAX_LINGER_S = 1.0  # ...or after this long
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -223,6 +225,10 @@ class Server:
             log.warning(
                 "drain timeout: %d RPCs still in flight are cancelled", self.calls.in_flight
             )
+        # grpc cancels (CANCELLED, not UNAVAILABLE) calls that reached it but no handler yet
+        # when it stops (grpc/grpc#41785): first let the clients that are still sending hear
+        # UNAVAILABLE and go elsewhere, for a moment.
+        await self.calls.wait_quiet(QUIET_S, min(MAX_LINGER_S, self.config.drain_timeout_s))
         if self._server is not None:
             await self._server.stop(grace=1.0)
         await self.engine.stop()

@@ -81,6 +81,7 @@ class Calls:
     def __init__(self, engine: Core) -> None:
         self.engine = engine
         self.in_flight = 0
+        self.refused_at = 0.0  # time.monotonic() of the last RPC refused while draining
         self._idle = asyncio.Event()
         self._idle.set()
         # Labelled metric children, looked up once per label set (labels() costs a lock and a
@@ -97,9 +98,17 @@ class Calls:
 
     def enter(self) -> None:
         if self.engine.draining:
+            self.refused_at = time.monotonic()
             raise Unavailable("server is shutting down (draining); retry on another replica")
         self.in_flight += 1
         self._idle.clear()
+
+    async def wait_quiet(self, quiet_s: float, timeout_s: float) -> None:
+        """While draining: wait until no RPC was refused for `quiet_s` (clients have moved
+        on), at most `timeout_s`."""
+        deadline = time.monotonic() + timeout_s
+        while (now := time.monotonic()) < deadline and now - self.refused_at < quiet_s:
+            await asyncio.sleep(min(quiet_s, deadline - now))
 
     def leave(self) -> None:
         self.in_flight -= 1

@@ -59,6 +59,8 @@ class Load:
 
     def __init__(self, served: Served, images: np.ndarray, threads: int = 8) -> None:
         self.codes: Counter[str] = Counter()
+        self.before: Counter[str] = Counter()  # of the calls started before `mark()`
+        self.marked = float("inf")
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._threads = [
@@ -74,6 +76,7 @@ class Load:
             with connection(served) as channel:
                 stub = v2_grpc.GRPCInferenceServiceStub(channel)
                 for _ in range(20):  # a fresh connection now and then: both front ends get load
+                    started = time.monotonic()
                     try:
                         stub.ModelInfer(request, timeout=15)
                         code = "OK"
@@ -81,8 +84,13 @@ class Load:
                         code = exc.code().name
                     with self._lock:
                         self.codes[code] += 1
+                        if started < self.marked:
+                            self.before[code] += 1
                     if self._stop.is_set() or code != "OK":
                         break
+
+    def mark(self) -> None:
+        self.marked = time.monotonic()
 
     def wait_for(self, count: int, timeout_s: float = 60) -> None:
         deadline = time.monotonic() + timeout_s
@@ -206,12 +214,16 @@ def test_sigterm_under_load_fails_nothing_in_flight_and_exits_0(split: Served, s
     x, _ = sample_images
     load = Load(split, x)
     load.wait_for(300)
+    load.mark()
     split.process.send_signal(signal.SIGTERM)
     assert split.process.wait(90) == 0
     codes = load.stop()
-    # calls taken before the drain are answered; later ones are refused UNAVAILABLE (draining,
-    # or no listener any more): never CANCELLED, DEADLINE_EXCEEDED or INTERNAL
-    assert set(codes) <= {"OK", "UNAVAILABLE"}, codes
+    # Calls sent before the signal are answered, or refused UNAVAILABLE when they reach a
+    # front end that already drains; never CANCELLED, DEADLINE_EXCEEDED or INTERNAL.
+    assert set(load.before) <= {"OK", "UNAVAILABLE"} and load.before["OK"] >= 300, load.before
+    # Later ones may also meet grpc's own CANCELLED for a call it had taken but not yet given
+    # to a handler when it stopped (grpc/grpc#41785, open upstream).
+    assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
     assert split.log.wait_for(r"\[supervisor\] .*: stopped", 1)
 
 
