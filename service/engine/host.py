@@ -17,7 +17,6 @@ import functools
 import logging
 import math
 import os
-import signal
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -30,7 +29,7 @@ from service.engine.core import Engine, LoadedModel
 from service.errors import ServingError
 from service.ipc import records as rec
 from service.ipc.channel import Channel
-from service.ipc.link import ChildLink
+from service.ipc.link import ChildLink, child_main, serve_child
 from service.ipc.shm import Segments
 from service.logs import configure as configure_logging
 from service.metrics import Metrics
@@ -208,48 +207,29 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     config = ServeConfig.from_json(args.config)
-    link = ChildLink(args.link_fd)
     engine = Engine(config, Metrics(args.metrics_dir))
     host = EngineHost(engine, args.socket, args.segment_prefix)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    link.watch(stop.set)
-    starting = asyncio.ensure_future(host.start())
-    await asyncio.wait(
-        [starting, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
-    )
-    try:
-        if not starting.done():
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-            return
-        starting.result()
+
+    async def start() -> dict[str, Any]:
+        await host.start()
         metrics_port = -1
         if config.metrics_port >= 0:
             metrics_port = engine.metrics.serve(config.host, config.metrics_port)
-        link.ready(metrics_port=metrics_port, models=_loaded_names(engine))
-        await stop.wait()
-    finally:
+        loaded = [f"{m.spec.name} v{m.spec.version} on {m.providers[0]}" for m in engine.loaded()]
+        return {"metrics_port": metrics_port, "models": loaded}
+
+    async def stop() -> None:
         await host.stop()
         engine.metrics.close()
+        log.info("stopped (pid %d)", os.getpid())
 
-
-def _loaded_names(engine: Engine) -> list[str]:
-    return [f"{m.spec.name} v{m.spec.version} on {m.providers[0]}" for m in engine.loaded()]
+    await serve_child(ChildLink(args.link_fd), start, stop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the shutdown
     args = parse_args(argv)
     configure_logging(ServeConfig.from_json(args.config).log_level, "engine")
-    try:
-        asyncio.run(serve(args))
-    except ServingError as exc:
-        ChildLink(args.link_fd).failed(str(exc))
-        return 2
-    log.info("stopped (pid %d)", os.getpid())
-    return 0
+    return child_main(lambda: serve(args), args.link_fd)
 
 
 if __name__ == "__main__":

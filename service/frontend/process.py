@@ -10,17 +10,15 @@ NOT_SERVING, new RPCs UNAVAILABLE, RPCs in flight finish, exit 0.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
-import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from service.config import ServeConfig
-from service.errors import ServingError
 from service.frontend.remote import EngineClient
-from service.ipc.link import ChildLink
+from service.ipc.link import ChildLink, child_main, serve_child
 from service.logs import configure as configure_logging
 from service.metrics import Metrics
 from service.server import Server
@@ -41,39 +39,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     config = ServeConfig.from_json(args.config)
-    link = ChildLink(args.link_fd)
     client = EngineClient(config, Metrics(args.metrics_dir), args.socket, args.segment_prefix)
     server = Server(config, client, frontend=args.index)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    loop.add_signal_handler(signal.SIGTERM, stop.set)
-    link.watch(stop.set)
-    starting = asyncio.ensure_future(server.start())
-    await asyncio.wait(
-        [starting, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
-    )
-    try:
-        if not starting.done():
-            starting.cancel()
-            await asyncio.gather(starting, return_exceptions=True)
-            return
-        starting.result()
-        link.ready(port=server.grpc_port)
-        await stop.wait()
-    finally:
-        await server.drain()
+
+    async def start() -> dict[str, Any]:
+        await server.start()
+        return {"port": server.grpc_port}
+
+    await serve_child(ChildLink(args.link_fd), start, server.drain)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the supervisor orders the shutdown
     args = parse_args(argv)
     configure_logging(ServeConfig.from_json(args.config).log_level, f"frontend-{args.index}")
-    try:
-        asyncio.run(serve(args))
-    except ServingError as exc:
-        ChildLink(args.link_fd).failed(str(exc))
-        return 2
-    return 0
+    return child_main(lambda: serve(args), args.link_fd)
 
 
 if __name__ == "__main__":

@@ -8,9 +8,12 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import signal
 import socket
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
+
+from service.errors import ServingError
 
 
 class ChildLink:
@@ -57,3 +60,41 @@ def pair() -> tuple[socket.socket, int]:
     os.set_inheritable(theirs.fileno(), True)
     fd = theirs.detach()
     return ours, fd
+
+
+async def serve_child(
+    link: ChildLink,
+    start: Callable[[], Awaitable[dict[str, Any]]],
+    stop: Callable[[], Awaitable[None]],
+) -> None:
+    """A child's life: `start()` (its result goes to the supervisor as the ready line), run
+    until SIGTERM or until the supervisor is gone, then `stop()`; a stop request while starting
+    abandons the start."""
+    stopping = asyncio.Event()
+    asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stopping.set)
+    link.watch(stopping.set)
+    starting = asyncio.ensure_future(start())
+    waiting = asyncio.ensure_future(stopping.wait())
+    await asyncio.wait([starting, waiting], return_when=asyncio.FIRST_COMPLETED)
+    try:
+        if not starting.done():
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        link.ready(**starting.result())
+        await waiting
+    finally:
+        waiting.cancel()
+        await stop()
+
+
+def child_main(run: Callable[[], Coroutine[Any, Any, None]], link_fd: int) -> int:
+    """Run a child's event loop; a ServingError while starting goes to the supervisor, which
+    prints it as the server's one-line error. Ctrl-C is the supervisor's to handle."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        asyncio.run(run())
+    except ServingError as exc:
+        ChildLink(link_fd).failed(str(exc))
+        return 2
+    return 0
