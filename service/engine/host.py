@@ -29,7 +29,7 @@ from service.engine.core import Engine, LoadedModel
 from service.errors import ServingError
 from service.ipc import records as rec
 from service.ipc.channel import Channel
-from service.ipc.link import ChildLink, child_main, serve_child
+from service.ipc.link import ChildLink, child_main, child_parser, serve_child
 from service.ipc.shm import Segments
 from service.logs import configure as configure_logging
 from service.metrics import Metrics
@@ -196,13 +196,7 @@ def _deadline(record: rec.Infer) -> float | None:
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m service.engine.host", description=__doc__)
-    p.add_argument("--config", required=True, help="the ServeConfig, as JSON")
-    p.add_argument("--socket", required=True, type=Path, help="Unix socket to listen on")
-    p.add_argument("--segment-prefix", required=True, help="front ends' shared-memory prefix")
-    p.add_argument("--metrics-dir", type=Path, help="prometheus_client multiprocess folder")
-    p.add_argument("--link-fd", type=int, required=True, help="the supervisor's link")
-    return p.parse_args(argv)
+    return child_parser("python -m service.engine.host", __doc__).parse_args(argv)
 
 
 async def serve(args: argparse.Namespace) -> None:

@@ -13,12 +13,11 @@ import argparse
 import logging
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 from service.config import ServeConfig
 from service.frontend.remote import EngineClient
-from service.ipc.link import ChildLink, child_main, serve_child
+from service.ipc.link import ChildLink, child_main, child_parser, serve_child
 from service.logs import configure as configure_logging
 from service.metrics import Metrics
 from service.server import Server
@@ -27,13 +26,8 @@ log = logging.getLogger(__name__)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m service.frontend.process", description=__doc__)
-    p.add_argument("--config", required=True, help="the ServeConfig, as JSON")
+    p = child_parser("python -m service.frontend.process", __doc__)
     p.add_argument("--index", type=int, required=True, help="this front end's number, from 1")
-    p.add_argument("--socket", required=True, type=Path, help="the engine's Unix socket")
-    p.add_argument("--segment-prefix", required=True, help="shared-memory segment prefix")
-    p.add_argument("--metrics-dir", type=Path, help="prometheus_client multiprocess folder")
-    p.add_argument("--link-fd", type=int, required=True, help="the supervisor's link")
     return p.parse_args(argv)
 
 

@@ -5,12 +5,14 @@ outlives a killed supervisor."""
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
 import os
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 from service.errors import ServingError
@@ -60,6 +62,17 @@ def pair() -> tuple[socket.socket, int]:
     os.set_inheritable(theirs.fileno(), True)
     fd = theirs.detach()
     return ours, fd
+
+
+def child_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """The command line the supervisor gives every child (service.supervisor builds it)."""
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--config", required=True, help="the ServeConfig, as JSON")
+    p.add_argument("--socket", required=True, type=Path, help="the engine's Unix socket")
+    p.add_argument("--segment-prefix", required=True, help="front ends' shared-memory prefix")
+    p.add_argument("--metrics-dir", type=Path, help="prometheus_client multiprocess folder")
+    p.add_argument("--link-fd", type=int, required=True, help="the supervisor's link")
+    return p
 
 
 async def serve_child(
