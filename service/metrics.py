@@ -22,6 +22,8 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
+from service.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 # Seconds: sub-millisecond queueing up to multi-second CPU batches of large models. Dense from
@@ -115,8 +117,12 @@ class Metrics:
         return registry
 
     def serve(self, host: str, port: int) -> int:
-        """Start /metrics on host:port (0: a free port); returns the real port."""
-        server, _thread = start_http_server(port, addr=host, registry=self.exposed())
+        """Start /metrics on host:port (0: a free port); returns the real port. Raises
+        ConfigError when it cannot listen there."""
+        try:
+            server, _thread = start_http_server(port, addr=host, registry=self.exposed())
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {host}:{port} (metrics): {exc.strerror}") from exc
         self._server = server
         return int(server.server_port)
 

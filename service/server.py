@@ -167,13 +167,9 @@ class Server:
         await self.health.set("", NOT_SERVING)
         self.engine.on_model_change(self._model_health)
         if config.metrics_port >= 0:
-            try:
-                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
-            except OSError as exc:
-                raise ConfigError(
-                    f"cannot listen on {config.host}:{config.metrics_port} (metrics): "
-                    f"{exc.strerror}"
-                ) from exc
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+        if self.frontend:  # know what is loaded before taking a share of the connections
+            await self.engine.start()
         await server.start()
         if not self.frontend:
             log.info(
@@ -183,8 +179,9 @@ class Server:
                 " (TLS)" if tls else "",
                 self.metrics_port,
             )
-        await self.engine.start()
-        await self.health.set("", SERVING)
+            await self.engine.start()
+        # a front end's engine may have gone again already (its listener said NOT_SERVING)
+        await self.health.set("", SERVING if self.engine.ready else NOT_SERVING)
         if self.frontend:
             log.info("front end %d serving on port %d", self.frontend, self.grpc_port)
         else:

@@ -72,6 +72,7 @@ class Supervisor:
         self._children: list[Child] = []
         self._stopping = False  # no more restarts
         self._stopped = False
+        self._watchers: list[asyncio.Future[None]] = []
         self._env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(self._metrics_dir)}
 
     # ---- start
@@ -79,6 +80,9 @@ class Supervisor:
     async def start(self) -> None:
         """Engine, then front ends; raises ServingError when one cannot start."""
         shm.reclaim_orphans(FAMILY)
+        # Ours too: in a container restarted with the same /dev/shm this supervisor is pid 1
+        # again, and its killed predecessor's segments carry this very prefix.
+        shm.reclaim(self.prefix)
         config = self.config
         port = self._hold_grpc_port()
         metrics_port = config.metrics_port
@@ -114,7 +118,13 @@ class Supervisor:
         port = _free_port(config.host, config.grpc_port, "gRPC")
         guard = socket.socket(_family(config.host), socket.SOCK_STREAM)
         guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-        guard.bind((config.host, port))
+        try:
+            guard.bind((config.host, port))
+        except OSError as exc:  # e.g. connections of a previous server still in TIME_WAIT
+            guard.close()
+            raise ConfigError(
+                f"cannot listen on {config.host}:{port} (gRPC): {exc.strerror}"
+            ) from exc
         self._guard = guard
         return port
 
@@ -155,22 +165,18 @@ class Supervisor:
     # ---- watch
 
     async def watch(self) -> None:
-        """Restart children that die, until `stop`."""
-        waits = {asyncio.ensure_future(self._wait(child)): child for child in self._children}
-        while waits and not self._stopping:
-            done, _ = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                child = waits.pop(task)
-                if self._stopping:
-                    continue
-                await self._restart(child)
-                waits[asyncio.ensure_future(self._wait(child))] = child
-        for task in waits:
-            task.cancel()
+        """Restart children that die, each on its own (one's backoff never delays another's),
+        until `stop`."""
+        self._watchers = [asyncio.ensure_future(self._watch(child)) for child in self._children]
+        await asyncio.gather(*self._watchers, return_exceptions=True)
 
-    async def _wait(self, child: Child) -> int:
-        assert child.process is not None
-        return await child.process.wait()
+    async def _watch(self, child: Child) -> None:
+        while not self._stopping:
+            assert child.process is not None
+            await child.process.wait()
+            if self._stopping:
+                return
+            await self._restart(child)
 
     async def _restart(self, child: Child) -> None:
         assert child.process is not None
@@ -189,16 +195,18 @@ class Supervisor:
             removed,
             f" in {pause:.1f} s" if pause else "",
         )
-        while not self._stopping:
+        while True:
             await asyncio.sleep(pause)
+            if self._stopping:
+                return
             try:
                 await self._spawn(child)
                 log.info("%s is back (pid %d)", child.role, child.pid)
                 return
-            except ServingError as exc:
+            except Exception as exc:  # a restart must never end the watch, whatever failed
                 child.failures += 1
                 pause = min(0.5 * 2 ** (child.failures - 1), MAX_BACKOFF_S)
-                log.error("%s; retrying in %.1f s", exc, pause)
+                log.error("restarting %s failed: %s; retrying in %.1f s", child.role, exc, pause)
 
     # ---- stop
 
@@ -208,6 +216,9 @@ class Supervisor:
             return
         self._stopped = True
         self._stopping = True
+        for watcher in self._watchers:  # no restart may start a child behind our back
+            watcher.cancel()
+        await asyncio.gather(*self._watchers, return_exceptions=True)
         frontends = [c for c in self._children if c.role != "engine"]
         engines = [c for c in self._children if c.role == "engine"]
         await asyncio.gather(*(self._terminate(c) for c in frontends))

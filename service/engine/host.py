@@ -35,6 +35,7 @@ from service.logs import configure as configure_logging
 from service.metrics import Metrics
 
 log = logging.getLogger(__name__)
+INTERNAL = ("INTERNAL", "internal error (see server log)")  # never an internal error's text
 
 
 @dataclass(eq=False)
@@ -136,10 +137,14 @@ class EngineHost:
         except ServingError as exc:
             channel.send(rec.Kind.FAILURE, rec.Failure.of(record.request, exc).encode())
             return
+        except FileNotFoundError:  # its caller went away and took its one-off segment along
+            log.debug("front end %d: segment %s is gone", peer.pid, record.segment)
+            failure = rec.Failure(record.request, "UNAVAILABLE", "the request was withdrawn")
+            channel.send(rec.Kind.FAILURE, failure.encode())
+            return
         except (ValueError, OSError) as exc:  # a front end's bug: refuse the request, say why
             log.error("front end %d: bad request record: %s", peer.pid, exc)
-            failure = rec.Failure(record.request, "INTERNAL", "internal error (see server log)")
-            channel.send(rec.Kind.FAILURE, failure.encode())
+            channel.send(rec.Kind.FAILURE, rec.Failure(record.request, *INTERNAL).encode())
             return
         peer.requests[record.request] = future
         future.add_done_callback(functools.partial(self._answer, channel, peer, record.request))
@@ -158,7 +163,8 @@ class EngineHost:
             return
         if not isinstance(error, ServingError):
             log.error("request failed", exc_info=error)
-            error = ServingError("inference failed (see server log)")
+            channel.send(rec.Kind.FAILURE, rec.Failure(request, *INTERNAL).encode())
+            return
         channel.send(rec.Kind.FAILURE, rec.Failure.of(request, error).encode())
 
     def _done(self, record: rec.Done) -> None:

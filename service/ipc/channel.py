@@ -34,6 +34,7 @@ class Channel(asyncio.Protocol):
         self._inbox = bytearray()
         self._outbox: list[bytes] = []
         self._flush_armed = False
+        self._closing = False
         self.closed = False
 
     # ---- asyncio.Protocol
@@ -75,7 +76,7 @@ class Channel(asyncio.Protocol):
 
     def send(self, kind: Kind, payload: bytes) -> None:
         """Queue a frame; everything queued in this loop turn goes out in one write."""
-        if self.closed:
+        if self.closed or self._closing:
             return
         self._outbox.append(frame(kind, payload))
         if not self._flush_armed:
@@ -89,6 +90,7 @@ class Channel(asyncio.Protocol):
         self._outbox.clear()
 
     def close(self) -> None:
-        if self._transport is not None:
+        if self._transport is not None and not self._closing:
             self._flush()
+            self._closing = True  # nothing more is sent; connection_lost follows
             self._transport.close()

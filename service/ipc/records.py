@@ -22,6 +22,7 @@ from service.errors import (
     ModelNotFound,
     QueueFull,
     ServingError,
+    Unauthenticated,
     Unavailable,
 )
 
@@ -110,7 +111,14 @@ class Result:
 # The errors the engine may answer with, by their status name; anything else is INTERNAL.
 ERRORS: dict[str, type[ServingError]] = {
     cls.code.name: cls
-    for cls in (InvalidInput, ModelNotFound, QueueFull, Unavailable, DeadlineExceeded)
+    for cls in (
+        InvalidInput,
+        ModelNotFound,
+        QueueFull,
+        Unavailable,
+        DeadlineExceeded,
+        Unauthenticated,
+    )
 }
 
 

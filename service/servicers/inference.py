@@ -45,7 +45,8 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             self._model(request.name, request.version, call)
         except ServingError:
             return pb.ModelReadyResponse(ready=False)
-        return pb.ModelReadyResponse(ready=not self.engine.draining)
+        # a front end keeps its catalogue while its engine restarts: not ready then
+        return pb.ModelReadyResponse(ready=self.engine.ready and not self.engine.draining)
 
     @unary(API)
     async def ServerMetadata(self, request, context, call):  # type: ignore[no-untyped-def]

@@ -135,11 +135,14 @@ def test_requests_from_many_connections_share_batches_and_totals_add_up(
         answer = future.result()
         probabilities = np.frombuffer(answer.raw_output_contents[0], "<f4")
         np.testing.assert_allclose(probabilities, want["probabilities"][index], atol=1e-6)
-    stats = (
-        v2_grpc.GRPCInferenceServiceStub(channels[0])
-        .ModelStatistics(v2.ModelStatisticsRequest(name=MODEL), timeout=10)
-        .model_stats[0]
-    )
+    stub = v2_grpc.GRPCInferenceServiceStub(channels[0])
+    deadline = time.monotonic() + 10
+    while True:  # each front end sends its tally of finished requests once per loop turn
+        answer = stub.ModelStatistics(v2.ModelStatisticsRequest(name=MODEL), timeout=10)
+        stats = answer.model_stats[0]
+        if stats.inference_stats.success.count >= 128 or time.monotonic() > deadline:
+            break
+        time.sleep(0.01)
     for channel in channels:
         channel.close()
     assert stats.inference_count == 128 and stats.inference_stats.success.count == 128
@@ -208,6 +211,8 @@ def test_a_killed_engine_turns_front_ends_not_serving_then_traffic_resumes(
     with connection(split) as channel:  # the model and its statistics are back
         stub = v2_grpc.GRPCInferenceServiceStub(channel)
         assert stub.ModelReady(v2.ModelReadyRequest(name=MODEL), timeout=10).ready
+        stats = stub.ModelStatistics(v2.ModelStatisticsRequest(name=MODEL), timeout=10)
+        assert stats.model_stats[0].inference_count > 0  # the new engine's own count
 
 
 def test_sigterm_under_load_fails_nothing_in_flight_and_exits_0(split: Served, sample_images):
@@ -233,17 +238,19 @@ def test_a_new_version_is_seen_by_every_front_end(private_repo: Path):
         shutil.copytree(private_repo / MODEL / "1", private_repo / MODEL / ".2.partial")
         (private_repo / MODEL / ".2.partial").rename(private_repo / MODEL / "2")
         deadline = time.monotonic() + 60
-        seen = []
-        while len(seen) < 16 and time.monotonic() < deadline:
+        first_seen = None
+        seen = 0
+        while seen < 16 and time.monotonic() < deadline:
             with connection(served) as channel:
                 stub = cpb_grpc.ClassifierStub(channel)
                 listed = stub.ListModels(cpb.ListModelsRequest(), timeout=10).models
                 versions = list(listed[0].versions)
             if versions == [1, 2]:
-                seen.append(versions)
-            elif seen:  # once one connection saw it, a later one must not miss it...
-                time.sleep(0.3)  # ...beyond the other front end's next catalogue
-        assert len(seen) == 16
+                first_seen = first_seen or time.monotonic()
+                seen += 1
+            else:  # once one front end has it, the other must follow within a catalogue push
+                assert first_seen is None or time.monotonic() - first_seen < 2, versions
+        assert seen == 16
     finally:
         assert served.stop() == 0
 
@@ -268,6 +275,11 @@ def test_a_request_bigger_than_the_arena_gets_its_own_segment(repository: Path, 
 def test_an_engine_that_cannot_start_is_one_line_and_exit_2(repository: Path):
     import subprocess
     import sys
+
+    from tests.service.test_runtime import cuda_really_works
+
+    if cuda_really_works(repository):
+        pytest.skip("this machine has a working CUDA provider")
 
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--repository", str(repository),

@@ -84,7 +84,7 @@ async def _pair() -> tuple[Channel, list, asyncio.AbstractServer, str]:
     return client, received, server, path
 
 
-def test_what_one_loop_turn_sends_arrives_in_order():
+def test_a_thousand_frames_sent_in_one_loop_turn_arrive_in_order():
     async def scenario() -> list:
         client, received, server, path = await _pair()
         for i in range(1000):
@@ -125,10 +125,18 @@ def test_the_ring_reuses_space_and_big_requests_get_their_own_segment(arena):
     first = arena.put(np.ones(1000, np.uint8))
     second = arena.put(np.ones(1000, np.uint8))
     assert (first.offset, second.offset) == (0, 1024)
-    first.release()  # freed out of order: the oldest region now starts at 1024
-    third = arena.put(np.ones(2000, np.uint8))  # fits at the end of the ring
-    fourth = arena.put(np.ones(1000, np.uint8))  # wraps to the freed start
-    assert (third.offset, fourth.offset) == (2048, 0)
+    second.release()  # out of order: the oldest region still holds the start of the ring
+    waiting = arena.put(np.ones(3500, np.uint8))
+    assert waiting.transient  # 1024 + 3500 > 4096, and [0, 1024) is not free: a one-off
+    waiting.release()
+    first.release()  # the oldest goes: everything before the newest live region is free
+    third = arena.put(np.ones(2000, np.uint8))  # the ring restarted empty
+    fourth = arena.put(np.ones(1000, np.uint8))
+    assert (third.offset, fourth.offset) == (0, 2048)
+    third.release()  # the oldest now starts at 2048, so [0, 2048) is free again
+    second = arena.put(np.ones(1000, np.uint8))  # 3072 + 1024 = 4096: fits at the end
+    third = arena.put(np.ones(2000, np.uint8))  # wraps to the freed start
+    assert (second.offset, third.offset) == (3072, 0)
     big = arena.put(np.full(10_000, 7, np.uint8))
     assert big.transient and arena.segments == 2 and len(segments()) == 2
     view = shm.Segments(PREFIX).view(big.segment, 0, 10_000, True)
@@ -158,5 +166,5 @@ def test_segments_of_dead_processes_are_reclaimed(tmp_path):
     # a supervisor killed before it could clean up: its family prefix names a dead pid
     orphan = shm.Arena(f"cnn-serving-test-{2**22 + 1}", 4096)
     orphan._map.close()  # leave the file behind, as a killed process would
-    assert shm.reclaim_orphans("cnn-serving-test") == 1
-    assert not list(shm.SHM_DIR.glob("cnn-serving-test-*"))
+    assert shm.reclaim_orphans("cnn-serving-test") >= 1
+    assert not (shm.SHM_DIR / orphan.name).exists()
