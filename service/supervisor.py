@@ -232,6 +232,15 @@ class Supervisor:
         shutil.rmtree(self._dir, ignore_errors=True)
         log.info("stopped")
 
+    def kill(self) -> None:
+        """A second signal: no more waiting for drains; the stop goes on with the clean-up."""
+        log.warning("second signal: killing every child now")
+        self._stopping = True
+        for child in self._children:
+            if child.process is not None and child.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    child.process.kill()
+
     async def _terminate(self, child: Child) -> None:
         process = child.process
         if process is None or process.returncode is not None:
@@ -277,12 +286,19 @@ def _free_port(host: str, port: int, what: str) -> int:
 
 
 async def supervise(config: ServeConfig) -> None:
-    """Run until SIGTERM/SIGINT, then stop in order; raises ServingError for a startup failure."""
+    """Run until SIGTERM/SIGINT, then stop in order (a second signal kills the children at
+    once); raises ServingError for a startup failure."""
     supervisor = Supervisor(config)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
+
+    def on_signal() -> None:
+        if stop.is_set():
+            supervisor.kill()
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal)
     stopping = asyncio.ensure_future(stop.wait())
     try:
         starting = asyncio.ensure_future(supervisor.start())
@@ -295,7 +311,7 @@ async def supervise(config: ServeConfig) -> None:
         starting.result()
         watching = asyncio.ensure_future(supervisor.watch())
         await stopping
-        log.info("signal received; draining the front ends, then the engine")
+        log.info("signal received; draining the front ends, then the engine (again: kill)")
         await supervisor.stop()
         watching.cancel()
         await asyncio.gather(watching, return_exceptions=True)

@@ -232,6 +232,24 @@ def test_sigterm_under_load_fails_nothing_in_flight_and_exits_0(split: Served, s
     assert split.log.wait_for(r"\[supervisor\] .*: stopped", 1)
 
 
+def test_a_second_sigterm_stops_at_once_and_leaves_nothing(repository: Path, sample_images):
+    x, _ = sample_images
+    served = start_server(repository, "--frontends", "2", "--max-batch-size", "1",
+                          "--max-queue-size", "100000", "--drain-timeout-s", "120")  # fmt: skip
+    request = infer_request(np.repeat(x[:1], 20_000, axis=0))  # seconds of batches of one
+    with connection(served) as channel:
+        call = v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer.future(request, timeout=60)
+        served.log.wait_for(r"front end \d serving", 10)
+        time.sleep(0.5)  # the call reaches a front end (nothing to wait on from outside)
+        served.process.send_signal(signal.SIGTERM)
+        served.log.wait_for(r"draining: 1 RPCs in flight", 30)
+        served.process.send_signal(signal.SIGTERM)
+        assert served.process.wait(30) == 0  # not the 120 s drain
+        assert call.exception(30) is not None  # cut, as asked
+    assert "second signal: killing every child now" in served.log.text
+    assert segments(served) == []
+
+
 def test_a_new_version_is_seen_by_every_front_end(private_repo: Path):
     served = start_server(private_repo, "--frontends", "2", "--poll-interval-s", "0.2")
     try:
