@@ -34,7 +34,7 @@ from service.ipc.shm import Segments
 from service.logs import configure as configure_logging
 from service.metrics import Metrics
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.engine.host")  # not "__main__" when run with -m
 INTERNAL = ("INTERNAL", "internal error (see server log)")  # never an internal error's text
 
 

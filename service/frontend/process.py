@@ -22,7 +22,7 @@ from service.logs import configure as configure_logging
 from service.metrics import Metrics
 from service.server import Server
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("service.frontend.process")  # not "__main__" when run with -m
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
