@@ -223,12 +223,15 @@ def test_sigterm_under_load_fails_nothing_in_flight_and_exits_0(split: Served, s
     split.process.send_signal(signal.SIGTERM)
     assert split.process.wait(90) == 0
     codes = load.stop()
-    # Calls sent before the signal are answered, or refused UNAVAILABLE when they reach a
-    # front end that already drains; never CANCELLED, DEADLINE_EXCEEDED or INTERNAL.
-    assert set(load.before) <= {"OK", "UNAVAILABLE"} and load.before["OK"] >= 300, load.before
-    # Later ones may also meet grpc's own CANCELLED for a call it had taken but not yet given
-    # to a handler when it stopped (grpc/grpc#41785, open upstream).
+    # Every call a front end had begun to handle finished: no drain ran out of time...
+    assert "drain timeout" not in split.log.text
+    # ...and the clients saw answers or refusals (UNAVAILABLE: draining, or no listener any
+    # more), never DEADLINE_EXCEEDED or INTERNAL. grpc itself answers CANCELLED to a call it had
+    # taken but not yet handed to a handler when it stops (grpc/grpc#41785, open upstream): a
+    # client's call in flight as a front end stops can meet that: at most one per client per
+    # front end.
     assert set(codes) <= {"OK", "UNAVAILABLE", "CANCELLED"}, codes
+    assert load.before["OK"] >= 300 and codes["CANCELLED"] <= 8 * 2, codes
     assert split.log.wait_for(r"\[supervisor\] .*: stopped", 1)
 
 
