@@ -64,8 +64,8 @@ class Stats:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> Stats:
-        batches = {int(size): list(pair) for size, pair in values.pop("batches").items()}
-        return cls(**values, batches=batches)
+        batches = {int(size): list(pair) for size, pair in values["batches"].items()}
+        return cls(**{**values, "batches": batches})
 
 
 def _add(pair: list[int], ns: int) -> None:

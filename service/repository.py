@@ -11,7 +11,7 @@ import json
 import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,14 @@ class ModelSpec:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, self.channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready (for the engine's catalogue); `from_dict` reads it back."""
+        return {**asdict(self), "path": str(self.path), "labels": list(self.labels)}
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> ModelSpec:
+        return cls(**{**values, "path": Path(values["path"]), "labels": tuple(values["labels"])})
 
 
 def parse_version(text: str) -> int | None:

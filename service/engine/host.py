@@ -51,19 +51,7 @@ def catalogue(engine: Engine) -> dict[str, Any]:
 
 
 def _describe(model: LoadedModel) -> dict[str, Any]:
-    spec = model.spec
-    return {
-        "name": spec.name,
-        "version": spec.version,
-        "path": str(spec.path),
-        "labels": list(spec.labels),
-        "input_name": spec.input_name,
-        "height": spec.height,
-        "width": spec.width,
-        "channels": spec.channels,
-        "metadata": spec.metadata,
-        "providers": list(model.providers),
-    }
+    return {"spec": model.spec.to_dict(), "providers": list(model.providers)}
 
 
 class EngineHost:
@@ -108,7 +96,9 @@ class EngineHost:
     # ---- frames from front ends
 
     def _frame(self, channel: Channel, kind: rec.Kind, payload: bytes) -> None:
-        peer = self._peers.setdefault(channel, Peer())
+        peer = self._peers.get(channel)
+        if peer is None:  # its first frame (no Peer made per frame on the hot path)
+            peer = self._peers[channel] = Peer()
         if kind is rec.Kind.INFER:
             self._infer(channel, peer, rec.Infer.decode(payload))
         elif kind is rec.Kind.DONE:

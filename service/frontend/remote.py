@@ -148,7 +148,7 @@ class EngineClient(Core):
         """A new catalogue: the loaded versions, and the listeners told what changed."""
         models: dict[str, dict[int, Model]] = {}
         for item in body["models"]:
-            spec = _spec(item)
+            spec = ModelSpec.from_dict(item["spec"])
             old = self._models.get(spec.name, {}).get(spec.version)
             model = old if old is not None and old.spec == spec else self._model(spec, item)
             models.setdefault(spec.name, {})[spec.version] = model
@@ -233,17 +233,3 @@ class EngineClient(Core):
         finally:
             self._asked.pop(request, None)
         return [Stats.from_dict(answer) for answer in answers]
-
-
-def _spec(item: dict[str, Any]) -> ModelSpec:
-    return ModelSpec(
-        name=item["name"],
-        version=int(item["version"]),
-        path=Path(item["path"]),
-        labels=tuple(item["labels"]),
-        input_name=item["input_name"],
-        height=int(item["height"]),
-        width=int(item["width"]),
-        channels=int(item["channels"]),
-        metadata=item["metadata"],
-    )

@@ -28,6 +28,14 @@ def test_records_round_trip():
     assert rec.Control.decode(control.encode()) == control
 
 
+def test_a_catalogue_entry_round_trips_through_json(repository):
+    from service.repository import ModelSpec, read_spec
+
+    spec = read_spec(repository, "fashion", 1)
+    body = rec.Control.decode(rec.Control({"spec": spec.to_dict()}).encode()).body
+    assert ModelSpec.from_dict(body["spec"]) == spec
+
+
 def test_results_carry_both_outputs_exactly():
     rng = np.random.default_rng(0)
     probabilities = rng.random((5, 10), dtype=np.float32)
