@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import urllib.request
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -175,6 +176,16 @@ class Served:
 # `serve` runs by default on this 2-core machine) unless a module's `frontends` fixture
 # (tests/service/conftest.py) runs its tests in both modes.
 SERVER_MODE = {"frontends": "2"}
+
+
+@pytest.fixture(scope="module", params=["0", "2"], ids=["single-process", "frontends-2"])
+def frontends(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every server the module's tests start runs with `--frontends` 0, then 2: both modes
+    pass the same suite."""
+    before = SERVER_MODE["frontends"]
+    SERVER_MODE["frontends"] = request.param
+    yield request.param
+    SERVER_MODE["frontends"] = before
 
 
 def start_server(

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import struct
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -18,6 +19,10 @@ from service.errors import InvalidInput, ModelNotFound, shorten
 from service.repository import OUTPUT_NAMES, ModelSpec
 
 PLATFORM = "onnxruntime_onnx"
+# Parameters a request (or one of its tensors) may carry. We read one (Triton's
+# triton_enable_empty_final_response) and ignore the rest, as Triton does; a bound keeps a
+# request's cost in what it can mean.
+MAX_PARAMETERS = 64
 
 
 def parse_version(name: str, text: str) -> int | None:
@@ -38,11 +43,13 @@ def image_tensor(
     """The request's one input tensor and its raw contents, if any, checked for name, datatype
     and where its data is, before any data is looked at."""
     where = f"model {spec.name!r} version {spec.version}"
+    check_parameters(request.parameters, where)
     if len(request.inputs) != 1:
         raise InvalidInput(
             f"{where}: expected 1 input tensor {spec.input_name!r}, got {len(request.inputs)}"
         )
     tensor = request.inputs[0]
+    check_parameters(tensor.parameters, f"{where}: input {shorten(tensor.name)!r}")
     if tensor.name != spec.input_name:
         raise InvalidInput(
             f"{where}: unknown input {shorten(tensor.name)!r}; the input is {spec.input_name!r}"
@@ -65,6 +72,13 @@ def image_tensor(
             "contents; send one of them"
         )
     return tensor, request.raw_input_contents[0]
+
+
+def check_parameters(parameters: Mapping[str, object], where: str) -> None:
+    if len(parameters) > MAX_PARAMETERS:
+        raise InvalidInput(
+            f"{where}: {len(parameters):,} parameters; at most {MAX_PARAMETERS} are accepted"
+        )
 
 
 def decode_input(
@@ -162,11 +176,15 @@ def pack_bytes(items: list[bytes]) -> bytes:
 def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
     if not request.outputs:  # the common case: every output
         return list(OUTPUT_NAMES)
-    names = [output.name for output in request.outputs]
     where = f"model {spec.name!r} version {spec.version}"
+    if len(request.outputs) > len(OUTPUT_NAMES):  # before looking at any of them
+        raise InvalidInput(
+            f"{where}: {len(request.outputs):,} outputs requested; the model has "
+            f"{len(OUTPUT_NAMES)} ({', '.join(OUTPUT_NAMES)})"
+        )
+    names = [output.name for output in request.outputs]
     if len(set(names)) != len(names):
-        twice = next(name for name in names if names.count(name) > 1)
-        raise InvalidInput(f"{where}: output {shorten(twice)!r} is requested twice")
+        raise InvalidInput(f"{where}: output {shorten(names[0])!r} is requested twice")
     if any(output.parameters for output in request.outputs):
         raise InvalidInput(
             f"{where}: output parameters (e.g. class_count) are not supported; "
@@ -175,7 +193,7 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[st
     unknown = [name for name in names if name not in OUTPUT_NAMES]
     if unknown:
         raise InvalidInput(
-            f"model {spec.name!r} version {spec.version}: unknown output "
+            f"{where}: unknown output "
             f"{shorten(unknown[0])!r}; outputs are {', '.join(OUTPUT_NAMES)}"
         )
     return names

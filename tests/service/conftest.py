@@ -9,17 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SERVER_MODE, Served, start_server
-
-
-@pytest.fixture(scope="module", params=["0", "2"], ids=["single-process", "frontends-2"])
-def frontends(request: pytest.FixtureRequest) -> Iterator[str]:
-    """Every server the module's tests start runs with `--frontends` 0, then 2: both modes
-    pass the same suite."""
-    before = SERVER_MODE["frontends"]
-    SERVER_MODE["frontends"] = request.param
-    yield request.param
-    SERVER_MODE["frontends"] = before
+from tests.conftest import Served, start_server
 
 
 @pytest.fixture(scope="module")
