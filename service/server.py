@@ -26,7 +26,7 @@ from service.core import Core
 from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
-from service.servicers.calls import Calls, wellformed_requests
+from service.servicers.calls import Calls, refuse_malformed, wellformed_requests
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.inference import InferenceServicer
 
@@ -61,8 +61,9 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 
 
 class WellFormed(grpc.aio.ServerInterceptor):
-    """Requests of our own services that are not valid protobuf reach their handler as
-    `Malformed` (answered INVALID_ARGUMENT) instead of failing inside gRPC as UNKNOWN."""
+    """Requests that are not valid protobuf are answered INVALID_ARGUMENT, not gRPC's own
+    UNKNOWN with a logged traceback: those of our own services reach their handler as
+    `Malformed` (a stream goes on), those of health and reflection are refused before theirs."""
 
     def __init__(self, services: tuple[str, ...]) -> None:
         self._prefixes = tuple(f"/{service}/" for service in services)
@@ -77,9 +78,11 @@ class WellFormed(grpc.aio.ServerInterceptor):
         wrapped = self._handlers.get(method)
         if wrapped is None:
             handler = await continuation(details)
-            if handler is None or not method.startswith(self._prefixes):
+            if handler is None:  # UNIMPLEMENTED, from gRPC
                 return handler
-            wrapped = self._handlers[method] = wellformed_requests(handler, method)
+            ours = method.startswith(self._prefixes)
+            guard = wellformed_requests if ours else refuse_malformed
+            wrapped = self._handlers[method] = guard(handler, method)
         return wrapped
 
 

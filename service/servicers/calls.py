@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -59,6 +60,55 @@ def wellformed_requests(handler: grpc.RpcMethodHandler, method: str) -> grpc.Rpc
             return Malformed(name, shorten(str(exc) or "cannot be parsed"))
 
     return handler._replace(request_deserializer=deserialize)  # type: ignore[attr-defined]
+
+
+def refuse_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+    """`handler` (of a service not ours: health, reflection) answering a request that is not
+    valid protobuf INVALID_ARGUMENT, without a traceback in the log; on a request stream the
+    first such message ends the stream with that status."""
+    if handler.request_deserializer is None:
+        return handler
+    handler = wellformed_requests(handler, method)
+    if handler.request_streaming:
+        field = "stream_stream" if handler.response_streaming else "stream_unary"
+        behavior = getattr(handler, field)
+
+        async def checked(requests: AsyncIterator[object], context: Any) -> AsyncIterator[Any]:
+            async for request in requests:
+                if isinstance(request, Malformed):
+                    await context.abort(request.error.code, str(request.error))
+                yield request
+
+        if handler.response_streaming:
+
+            async def guarded_stream(requests: Any, context: Any) -> AsyncIterator[Any]:
+                async for response in behavior(checked(requests, context), context):
+                    yield response
+
+            return handler._replace(stream_stream=guarded_stream)  # type: ignore[attr-defined]
+
+        async def guarded_unary(requests: Any, context: Any) -> Any:
+            return await behavior(checked(requests, context), context)
+
+        return handler._replace(stream_unary=guarded_unary)  # type: ignore[attr-defined]
+    field = "unary_stream" if handler.response_streaming else "unary_unary"
+    behavior = getattr(handler, field)
+    if inspect.isasyncgenfunction(behavior):
+
+        async def guarded_gen(request: object, context: Any) -> AsyncIterator[Any]:
+            if isinstance(request, Malformed):
+                await context.abort(request.error.code, str(request.error))
+            async for response in behavior(request, context):
+                yield response
+
+        return handler._replace(**{field: guarded_gen})  # type: ignore[attr-defined]
+
+    async def guarded(request: object, context: Any) -> Any:
+        if isinstance(request, Malformed):
+            await context.abort(request.error.code, str(request.error))
+        return await behavior(request, context)
+
+    return handler._replace(**{field: guarded})  # type: ignore[attr-defined]
 
 
 @dataclass

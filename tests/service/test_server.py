@@ -13,6 +13,7 @@ import grpc
 import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2
 
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
@@ -124,6 +125,45 @@ def test_v2_errors_have_precise_codes(server: Served, mutate, code, message):
 
 
 GARBAGE = b"\xff\xff\xff"  # field 31 with wire type 7: no message of any type parses from it
+
+
+def test_health_and_reflection_refuse_malformed_requests_quietly(server: Served):
+    """Health (exempt from the token) and reflection answer bytes that are not their message
+    INVALID_ARGUMENT, with no traceback in the log, and go on answering good requests."""
+    lines_before = len(server.log.lines)
+    with grpc.insecure_channel(server.target) as channel:
+        calls = [
+            channel.unary_unary("/grpc.health.v1.Health/Check"),
+            lambda payload, timeout: list(
+                channel.unary_stream("/grpc.health.v1.Health/Watch")(payload, timeout=timeout)
+            ),
+            lambda payload, timeout: list(
+                channel.stream_stream(
+                    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"
+                )(iter([payload]), timeout=timeout)
+            ),
+        ]
+        for _ in range(50):
+            for send in calls:
+                with pytest.raises(grpc.RpcError) as caught:
+                    send(b"\x00", timeout=10)
+                assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+                assert "not a valid protobuf message" in caught.value.details()
+        assert (
+            health_pb2_grpc.HealthStub(channel)
+            .Check(health_pb2.HealthCheckRequest(), timeout=10)
+            .status
+            == health_pb2.HealthCheckResponse.SERVING
+        )
+        reflect = channel.stream_stream(
+            "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+            request_serializer=reflection_pb2.ServerReflectionRequest.SerializeToString,
+            response_deserializer=reflection_pb2.ServerReflectionResponse.FromString,
+        )
+        listed = list(reflect(iter([reflection_pb2.ServerReflectionRequest(list_services="")])))
+    names = [s.name for s in listed[0].list_services_response.service]
+    assert "grpc.health.v1.Health" in names and "classifier.v1.Classifier" in names
+    assert "Traceback" not in "".join(server.log.lines[lines_before:])
 
 
 def test_malformed_messages_are_invalid_argument(server: Served):
