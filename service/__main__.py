@@ -197,7 +197,13 @@ def _health_parser(sub: argparse._SubParsersAction) -> None:
         "when SERVING, 1 otherwise (for container health checks).",
     )
     add_option(p, "--server", "HOST:PORT of the server", default="localhost:8001")
-    add_option(p, "--model", "a model name instead of the whole server", default="")
+    add_option(
+        p,
+        "--model",
+        "a model name instead of the whole server's readiness; 'liveness': only whether the "
+        "process answers (SERVING with no model and while draining)",
+        default="",
+    )
     add_option(
         p,
         "--wait-s",

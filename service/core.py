@@ -134,6 +134,12 @@ class Core:
         for listener in self._listeners:
             listener(name, serving)
 
+    @property
+    def serving(self) -> bool:
+        """Ready for inference (the server's readiness): the repository loaded, not draining,
+        and at least one model with a ready version."""
+        return self.ready and not self.draining and bool(self._models)
+
     # ---- lookups
 
     def names(self) -> list[str]:

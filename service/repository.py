@@ -7,6 +7,7 @@ folders) and non-numeric folders are ignored, so a half-written version is never
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,6 +19,8 @@ from typing import Any
 from service.errors import ConfigError, ModelLoadError
 
 OUTPUT_NAMES = ("probabilities", "bottleneck")
+# The health service name of liveness probes (service/server.py): no model may take it.
+LIVENESS = "liveness"
 VERSION = re.compile(r"[1-9][0-9]{0,17}")  # ASCII only: "\u00b2".isdigit() is True
 
 log = logging.getLogger(__name__)
@@ -68,6 +71,9 @@ def scan(repository: Path) -> dict[str, list[int]]:
     for model_dir in sorted(repository.iterdir()):
         if model_dir.name.startswith(".") or not model_dir.is_dir():
             continue
+        if model_dir.name == LIVENESS:
+            _reserved(model_dir)
+            continue
         try:
             entries = list(os.scandir(model_dir))
         except OSError as exc:
@@ -81,6 +87,15 @@ def scan(repository: Path) -> dict[str, list[int]]:
         if versions:
             found[model_dir.name] = versions
     return found
+
+
+@functools.cache  # once per folder, not on every scan
+def _reserved(model_dir: Path) -> None:
+    log.error(
+        "skipping %s: the model name %r is reserved (the health service of liveness probes)",
+        model_dir,
+        LIVENESS,
+    )
 
 
 def read_spec(repository: Path, name: str, version: int) -> ModelSpec:

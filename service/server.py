@@ -22,10 +22,11 @@ from grpc_reflection.v1alpha import reflection
 from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from service.config import ServeConfig, channel_options
-from service.core import Core
+from service.core import SERVER, Core
 from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
+from service.repository import LIVENESS  # SERVING while the process answers
 from service.servicers.calls import Calls, refuse_malformed, wellformed_requests
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.inference import InferenceServicer
@@ -128,6 +129,7 @@ class Server:
         self.metrics_port = -1
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
+        self._serving: bool | None = None  # the readiness last reported, to log changes
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
@@ -167,7 +169,7 @@ class Server:
                 self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address} (gRPC): {exc}") from exc
-        await self.health.set("", NOT_SERVING)
+        await self.health.set(SERVER, NOT_SERVING)
         self.engine.on_model_change(self._model_health)
         if config.metrics_port >= 0:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
@@ -183,18 +185,40 @@ class Server:
                 self.metrics_port,
             )
             await self.engine.start()
+        await self.health.set(LIVENESS, SERVING)
         # a front end's engine may have gone again already (its listener said NOT_SERVING)
-        await self.health.set("", SERVING if self.engine.ready else NOT_SERVING)
+        await self._server_health()
         if self.frontend:
             log.info("front end %d serving on port %d", self.frontend, self.grpc_port)
         else:
             self._log_ready()
 
     def _model_health(self, name: str, serving: bool) -> None:
-        status = SERVING if serving and not self.engine.draining else NOT_SERVING
-        task = asyncio.get_running_loop().create_task(self.health.set(name, status))
+        """A model's health follows its versions; the server's (readiness) is recomputed on
+        every change, since the last model going away makes it NOT_SERVING."""
+        if name == SERVER:
+            task = asyncio.get_running_loop().create_task(self._server_health())
+        else:
+            status = SERVING if serving and not self.engine.draining else NOT_SERVING
+            task = asyncio.get_running_loop().create_task(self._set_health(name, status))
         self._tasks.add(task)  # keep a reference until it ran
         task.add_done_callback(self._tasks.discard)
+
+    async def _set_health(self, name: str, status: int) -> None:
+        await self.health.set(name, status)
+        if name != SERVER:
+            await self._server_health()
+
+    async def _server_health(self) -> None:
+        serving = self.engine.serving
+        changed = self._serving is not None and serving != self._serving
+        if changed and self.engine.ready and not self.engine.draining:
+            if serving:
+                log.info("a model is ready: health %r SERVING", SERVER)
+            else:
+                log.warning("no model is ready: health %r NOT_SERVING until one is", SERVER)
+        self._serving = serving
+        await self.health.set(SERVER, SERVING if serving else NOT_SERVING)
 
     def _log_ready(self) -> None:
         served = []
@@ -215,7 +239,10 @@ class Server:
         if self.engine.draining:
             return
         self.engine.draining = True
-        await self.health.enter_graceful_shutdown()
+        # NOT_SERVING for the server and every model; liveness stays SERVING: the process is
+        # healthy, only going away (a liveness probe must not kill it mid-drain)
+        for name in (SERVER, *self.engine.names()):
+            await self.health.set(name, NOT_SERVING)
         log.info(
             "draining: %d RPCs in flight (up to %ss)",
             self.calls.in_flight,

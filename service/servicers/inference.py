@@ -37,7 +37,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary(API, while_draining=True)
     async def ServerReady(self, request, context, call):  # type: ignore[no-untyped-def]
-        return pb.ServerReadyResponse(ready=self.engine.ready and not self.engine.draining)
+        return pb.ServerReadyResponse(ready=self.engine.serving)
 
     @unary(API, while_draining=True)
     async def ModelReady(self, request, context, call):  # type: ignore[no-untyped-def]

@@ -13,6 +13,7 @@ from typing import Any
 import pytest
 
 from service.__main__ import build_parser, serve_config
+from service.server import LIVENESS
 from tests.conftest import ROOT
 from tests.deploy.conftest import (
     ALERTS,
@@ -115,6 +116,10 @@ def test_deployment_serves_on_a_gpu_node_with_the_servers_ports_and_probes(k8s, 
     assert ports == {"grpc": config.grpc_port, "metrics": config.metrics_port}
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert main[kind]["grpc"]["port"] == config.grpc_port, kind
+    # readiness asks the whole server (a ready model needed); the others only that it answers
+    assert main["readinessProbe"]["grpc"].get("service", "") == ""
+    for kind in ("startupProbe", "livenessProbe"):
+        assert main[kind]["grpc"]["service"] == LIVENESS, kind
 
     mounts = {m["mountPath"]: m for m in main["volumeMounts"]}
     volumes = {v["name"]: v for v in pod["volumes"]}

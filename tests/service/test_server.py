@@ -410,6 +410,36 @@ def test_hot_reload_of_a_new_version(private_repo: Path, sample_images):
         assert served.stop() == 0
 
 
+def test_readiness_needs_a_ready_model_and_liveness_does_not(private_repo: Path):
+    """Health `""` (the readiness probes) is NOT_SERVING while no model has a ready version,
+    and so is V2 ServerReady; `liveness` stays SERVING (the process is fine). Both modes."""
+    served = start_server(private_repo, "--poll-interval-s", "0.2")
+    try:
+        with grpc.insecure_channel(served.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
+
+            def statuses() -> tuple[str, str, str, bool]:
+                def check(service: str) -> str:
+                    request = health_pb2.HealthCheckRequest(service=service)
+                    status = health.Check(request, timeout=10).status
+                    return health_pb2.HealthCheckResponse.ServingStatus.Name(status)
+
+                ready = v2_stub.ServerReady(v2.ServerReadyRequest(), timeout=10).ready
+                return check(""), check("liveness"), check(MODEL), ready
+
+            assert statuses() == ("SERVING", "SERVING", "SERVING", True)
+            shutil.move(private_repo / MODEL / "1", private_repo.parent / "kept")
+            served.log.wait_for(r"unloaded model 'fashion' version 1", 60)
+            gone = ("NOT_SERVING", "SERVING", "NOT_SERVING", False)
+            assert eventually(lambda: statuses() == gone), statuses()
+            assert "no model is ready: health '' NOT_SERVING" in served.log.text
+            shutil.move(private_repo.parent / "kept", private_repo / MODEL / "1")
+            assert eventually(lambda: statuses() == ("SERVING", "SERVING", "SERVING", True))
+    finally:
+        assert served.stop() == 0
+
+
 def test_broken_model_is_skipped_at_start(private_repo: Path, sample_images):
     (private_repo / "broken" / "1").mkdir(parents=True)
     served = start_server(private_repo)
@@ -472,7 +502,7 @@ def test_sigterm_drains_requests_in_flight(repository: Path, sample_images):
             except grpc.aio.AioRpcError as exc:
                 late.append(exc.code())
             health = health_pb2_grpc.HealthStub(channel)
-            for service in ("", MODEL):
+            for service in ("", MODEL, "liveness"):  # liveness: a probe must not kill a drain
                 check = health_pb2.HealthCheckRequest(service=service)
                 late.append((await health.Check(check, timeout=10)).status)
             v2_stub = v2_grpc.GRPCInferenceServiceStub(channel)
@@ -488,8 +518,11 @@ def test_sigterm_drains_requests_in_flight(repository: Path, sample_images):
             served.process.kill()
             served.process.wait()
     assert all(len(a.results) == 10_000 and not a.results[0].HasField("error") for a in answers)
-    not_serving = health_pb2.HealthCheckResponse.NOT_SERVING
-    assert late == [grpc.StatusCode.UNAVAILABLE, not_serving, not_serving, True, False]
+    serving, not_serving = (
+        health_pb2.HealthCheckResponse.SERVING,
+        health_pb2.HealthCheckResponse.NOT_SERVING,
+    )
+    assert late == [grpc.StatusCode.UNAVAILABLE, not_serving, not_serving, serving, True, False]
     served.log.wait_for(r"draining: (\d+) RPCs in flight", 1)
     in_flight = re.findall(r"draining: (\d+) RPCs in flight", served.log.text)  # per front end
     assert max(int(n) for n in in_flight) >= 1
