@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
@@ -35,6 +36,13 @@ LATENCY_BUCKETS = (
     0.25, 0.4, 0.6, 1.0, 2.5, 5.0, 10.0,
 )  # fmt: skip
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
+
+
+def _remove(metric: Counter | Histogram, labels: tuple[str, ...]) -> None:
+    try:
+        metric.remove(*labels)
+    except KeyError:  # never created in this process
+        pass
 
 
 class Metrics:
@@ -100,6 +108,39 @@ class Metrics:
             registry=reg,
         )
         self._server: WSGIServer | None = None
+        # Labelled children of the request metrics, looked up once per label set (labels()
+        # costs a lock and a dict lookup: measurable at thousands of requests per second).
+        self._requests: dict[tuple[str, str, str, str], tuple[Any, Any, Any]] = {}
+
+    def request_series(self, key: tuple[str, str, str, str]) -> tuple[Any, Any, Any]:
+        """(requests, images, request_duration) children for (model, version, api, code)."""
+        series = self._requests.get(key)
+        if series is None:
+            series = (
+                self.requests.labels(*key),
+                self.images.labels(*key),
+                self.request_duration.labels(*key[:3]),
+            )
+            self._requests[key] = series
+        return series
+
+    def forget(self, name: str, version: int) -> None:
+        """Drop every series of an unloaded version, so that neither it nor what it held
+        stays. With front ends (multiprocess mode) a process's files keep what it counted:
+        prometheus_client cannot remove those series, only stop updating them."""
+        labels = (name, str(version))
+        for key in [k for k in self._requests if k[:2] == labels]:
+            del self._requests[key]
+            _remove(self.requests, key)
+            _remove(self.images, key)
+            _remove(self.request_duration, key[:3])
+        for histogram in (
+            self.queue_duration,
+            self.decode_duration,
+            self.inference_duration,
+            self.batch_size,
+        ):
+            _remove(histogram, labels)
 
     def add_live(self, collector: Collector) -> None:
         """A collector read at scrape time, from this process's own state."""

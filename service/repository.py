@@ -63,7 +63,7 @@ def parse_version(text: str) -> int | None:
 
 
 def scan(repository: Path) -> dict[str, list[int]]:
-    """{model name: ascending versions} for every REPO/NAME/VERSION folder present. An
+    """{model name: ascending versions} for every REPO/NAME folder (no versions: []). An
     unreadable model folder is logged and skipped."""
     if not repository.is_dir():
         raise ConfigError(f"--repository {repository} is not a directory")
@@ -84,8 +84,7 @@ def scan(repository: Path) -> dict[str, list[int]]:
             for entry in entries
             if (version := parse_version(entry.name)) is not None and entry.is_dir()
         )
-        if versions:
-            found[model_dir.name] = versions
+        found[model_dir.name] = versions
     return found
 
 

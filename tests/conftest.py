@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -88,6 +89,14 @@ def repository(seed_run: Path, tmp_path_factory) -> Path:
     repo = tmp_path_factory.mktemp("repo")
     export_run(seed_run, repo, MODEL, None)
     return repo
+
+
+@pytest.fixture
+def private_repo(repository: Path, tmp_path: Path) -> Path:
+    """A copy of the repository a test may change."""
+    copy = tmp_path / "repo"
+    shutil.copytree(repository, copy)
+    return copy
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ import numpy as np
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from service import repository
+from service import memory, repository
 from service.batcher import Batcher, BatchReport
 from service.config import ServeConfig
 from service.core import Core, Model, Outputs, Stats, _add
@@ -62,7 +62,9 @@ class LoadedModel(Model):
 
 class LiveGauges(Collector):
     """The gauges read from the engine at scrape time (readiness, provider, queue depth): only
-    loaded versions have series, so an unloaded version leaves nothing behind."""
+    loaded versions have series, so an unloaded version leaves nothing behind; a model in the
+    repository without a ready version has one `cnn_serving_model_ready` series at 0 (version
+    "")."""
 
     def __init__(self, engine: Engine) -> None:
         self._engine = engine
@@ -80,7 +82,10 @@ class LiveGauges(Collector):
             "1 for the onnxruntime execution provider each loaded version really runs on.",
             labels=[*mv, "provider", "device"],
         )
-        for model in self._engine.loaded():
+        loaded = self._engine.loaded()
+        for name in sorted(self._engine.found - {m.spec.name for m in loaded}):
+            ready.add_metric([name, ""], 0)  # in the repository, no version ready (an alert)
+        for model in loaded:
             labels = [model.spec.name, str(model.spec.version)]
             ready.add_metric(labels, 1)
             depth.add_metric(labels, model.batcher.depth)
@@ -97,6 +102,7 @@ class Engine(Core):
         self._compute = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._poller: asyncio.Task[None] | None = None
+        self.found: set[str] = set()  # the model names of the last repository scan
         self._stopping = threading.Event()  # tells a warm-up in the loader thread to give up
         self.metrics.add_live(LiveGauges(self))
 
@@ -138,6 +144,7 @@ class Engine(Core):
         """Load versions that appeared, unload versions that disappeared."""
         loop = asyncio.get_running_loop()
         found = await loop.run_in_executor(self._loader, repository.scan, self.config.repository)
+        self.found = set(found)
         for name, versions in found.items():
             if name not in self._models:
                 self._notify(name, False)  # known, not (yet) serving: health NOT_SERVING
@@ -236,6 +243,10 @@ class Engine(Core):
         self._notify(name, name in self._models)
         log.info("unloaded model %r version %d (gone from the repository)", name, version)
         await model.batcher.close()
+        self.metrics.forget(name, version)
+        del model  # the last reference: its session and arena are freed here...
+        loop = asyncio.get_running_loop()  # ...and given back to the system, off the loop
+        await loop.run_in_executor(self._loader, memory.release)
 
     # ---- lookups and work
 

@@ -153,6 +153,9 @@ class EngineClient(Core):
             model = old if old is not None and old.spec == spec else self._model(spec, item)
             models.setdefault(spec.name, {})[spec.version] = model
         names = set(self._models) | set(models)
+        for name, versions in self._models.items():
+            for version in versions.keys() - models.get(name, {}).keys():
+                self.metrics.forget(name, version)  # unloaded: its series go
         self._models = models
         self.ready = bool(body["ready"])
         for name in sorted(names):

@@ -102,12 +102,13 @@ def model_spec(repository: Path, name: str, version: int) -> ModelSpec:
     """The version to score with from the repository (0: the newest)."""
     found = scan(repository)
     if name not in found:
-        have = ", ".join(found) or "none"
+        have = ", ".join(n for n, versions in found.items() if versions) or "none"
         raise ModelNotFound(f"model {name!r} is not in {repository} (models there: {have})")
-    if version and version not in found[name]:
+    if not found[name] or (version and version not in found[name]):
+        wanted = f"version {version}" if version else "version"
         raise ModelNotFound(
-            f"model {name!r} has no version {version} in {repository} "
-            f"(versions: {', '.join(map(str, found[name]))})"
+            f"model {name!r} has no {wanted} in {repository} "
+            f"(versions: {', '.join(map(str, found[name])) or 'none'})"
         )
     return read_spec(repository, name, version or found[name][-1])
 

@@ -134,9 +134,6 @@ class Calls:
         self.refused_at = 0.0  # time.monotonic() of the last RPC refused while draining
         self._idle = asyncio.Event()
         self._idle.set()
-        # Labelled metric children, looked up once per label set (labels() costs a lock and a
-        # dict lookup: measurable on the event loop at thousands of requests per second).
-        self._series: dict[tuple[str, ...], tuple[Any, Any, Any]] = {}
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no RPC is in flight; False when `timeout_s` passed first."""
@@ -167,16 +164,7 @@ class Calls:
 
     def record(self, call: Call, code: grpc.StatusCode) -> None:
         elapsed = time.monotonic() - call.started
-        key = (call.model, call.version, call.api, code.name)
-        series = self._series.get(key)
-        if series is None:
-            metrics = self.engine.metrics
-            series = (
-                metrics.requests.labels(*key),
-                metrics.images.labels(*key),
-                metrics.request_duration.labels(*key[:3]),
-            )
-            self._series[key] = series
+        series = self.engine.metrics.request_series((call.model, call.version, call.api, code.name))
         series[0].inc()
         if call.images:
             series[1].inc(call.images)
@@ -224,6 +212,7 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
                 code = exc.code
                 calls.record(call, code)
                 await context.abort(exc.code, str(exc))
+            recorded = False
             try:
                 wellformed(request)
                 return await handler(self, request, context, call)
@@ -231,11 +220,17 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
                 code = status(exc, context)
                 if isinstance(exc, asyncio.CancelledError):
                     raise
+                # abort() sends the status before it raises: count the call first, so that a
+                # client that saw its error also sees it in the metrics
+                recorded = True
+                calls.leave()
+                calls.record(call, code)
                 await abort(context, exc, call)
                 raise  # unreachable: abort raises
             finally:
-                calls.leave()
-                calls.record(call, code)
+                if not recorded:
+                    calls.leave()
+                    calls.record(call, code)
 
         return method
 

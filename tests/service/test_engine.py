@@ -8,6 +8,7 @@ import shutil
 import weakref
 from pathlib import Path
 
+import numpy as np
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -22,22 +23,29 @@ def test_an_unloaded_version_is_collected_and_its_gauges_are_gone(private_repo: 
     async def scenario() -> tuple[weakref.ref, set[str]]:
         engine = Engine(ServeConfig(private_repo, device="cpu", poll_interval_s=0))
         await engine.start()
+        for version in (1, 2):  # every per-version series gets a child
+            model = engine.model(MODEL, version)
+            await engine.run(model, np.zeros((2, 28, 28, 1), np.uint8), None)
+            engine.metrics.request_series((MODEL, str(version), "inference.v2", "OK"))[0].inc()
         first = weakref.ref(engine.model(MODEL, 1))
+        del model
         shutil.rmtree(private_repo / MODEL / "1")
         await engine.refresh()
         text = generate_latest(engine.metrics.registry).decode()
-        gauges = {"cnn_serving_model_ready", "cnn_serving_queue_depth",
-                  "cnn_serving_execution_provider_info"}  # fmt: skip
-        versions = {
-            s.labels["version"]
-            for f in text_string_to_metric_families(text)
-            if f.name in gauges
-            for s in f.samples
-        }
+        versions: dict[str, set[str]] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if "version" in sample.labels:
+                    versions.setdefault(family.name, set()).add(sample.labels["version"])
         await engine.stop()
         return first, versions
 
     first, versions = asyncio.run(scenario())
     gc.collect()
     assert first() is None  # nothing (a gauge's callback, a batcher) keeps the session alive
-    assert versions == {"2"}
+    # Gauges, histograms (batch, queue, inference, decode) and request counters: version 2 only.
+    per_version = {"cnn_serving_model_ready", "cnn_serving_queue_depth", "cnn_serving_batch_size",
+                   "cnn_serving_queue_duration_seconds", "cnn_serving_decode_duration_seconds",
+                   "cnn_serving_requests", "cnn_serving_request_duration_seconds"}  # fmt: skip
+    assert per_version <= versions.keys()
+    assert all(seen == {"2"} for seen in versions.values()), versions

@@ -68,7 +68,8 @@ def test_scan_ignores_staging_and_non_numeric_folders(private_repo: Path) -> Non
     (private_repo / MODEL / "\u00b3").mkdir()  # "³".isdigit() is True; int("³") fails
     (private_repo / MODEL / "01").mkdir()
     (private_repo / ".hidden" / "1").mkdir(parents=True)
-    assert scan(private_repo) == {MODEL: [1]}
+    (private_repo / "empty").mkdir()  # a model without versions (yet): listed, with none
+    assert scan(private_repo) == {MODEL: [1], "empty": []}
 
 
 @pytest.mark.parametrize(

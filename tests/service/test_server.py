@@ -434,6 +434,8 @@ def test_readiness_needs_a_ready_model_and_liveness_does_not(private_repo: Path)
             gone = ("NOT_SERVING", "SERVING", "NOT_SERVING", False)
             assert eventually(lambda: statuses() == gone), statuses()
             assert "no model is ready: health '' NOT_SERVING" in served.log.text
+            ready = [(s.labels, s.value) for s in scrape(served)["cnn_serving_model_ready"]]
+            assert ready == [({"model": MODEL, "version": ""}, 0.0)]  # what the alert reads
             shutil.move(private_repo.parent / "kept", private_repo / MODEL / "1")
             assert eventually(lambda: statuses() == ("SERVING", "SERVING", "SERVING", True))
     finally:
