@@ -27,7 +27,7 @@ from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
 from service.repository import LIVENESS  # SERVING while the process answers
-from service.servicers.calls import Calls, refuse_malformed, wellformed_requests
+from service.servicers.calls import HOLD_S, Calls, refuse_malformed, wellformed_requests
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.inference import InferenceServicer
 
@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
 QUIET_S = 0.1  # a drain stops the gRPC server once no RPC was refused for this long...
 MAX_LINGER_S = 1.0  # ...or after this long
+GOAWAY_FIRST_S = 0.05  # from gRPC's stop to the answers of the calls held until then
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 
@@ -253,11 +254,19 @@ class Server:
                 "drain timeout: %d RPCs still in flight are cancelled", self.calls.in_flight
             )
         # grpc cancels (CANCELLED, not UNAVAILABLE) calls that reached it but no handler yet
-        # when it stops (grpc/grpc#41785): first let the clients that are still sending hear
-        # UNAVAILABLE and go elsewhere, for a moment.
+        # when it stops (grpc/grpc#41785). Calls refused from now on are held in their handler
+        # (`Calls.refuse`), so a client still sending has its call with us, not in that queue;
+        # once none came for QUIET_S, gRPC stops (listener closed, GOAWAY sent) and only then
+        # are they answered UNAVAILABLE.
         await self.calls.wait_quiet(QUIET_S, min(MAX_LINGER_S, self.config.drain_timeout_s))
         if self._server is not None:
-            await self._server.stop(grace=1.0)
+            stopping = asyncio.ensure_future(self._server.stop(grace=HOLD_S + 1.0))
+            # stop() begins at once (listener closed, GOAWAY on every connection); the held
+            # answers go out a moment later, after the GOAWAY, so that a client's next call
+            # goes elsewhere rather than into a queue that gRPC would cancel
+            await asyncio.sleep(GOAWAY_FIRST_S)
+            self.calls.closing.set()
+            await stopping
         await self.engine.stop()
         self.metrics.close()
         self._stopped.set()

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 STREAM_WINDOW = 16  # messages of one stream answered concurrently; answers stay in order
+DRAINING = "server is shutting down (draining); retry on another replica"
+HOLD_S = 2.0  # the longest a call refused while draining waits for gRPC to begin stopping
 
 
 class Malformed:
@@ -132,6 +134,9 @@ class Calls:
         self.engine = engine
         self.in_flight = 0
         self.refused_at = 0.0  # time.monotonic() of the last RPC refused while draining
+        # Set once gRPC has begun to stop (its listener closed, GOAWAY sent): refusals wait for
+        # it (see `refuse`).
+        self.closing = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
 
@@ -146,16 +151,32 @@ class Calls:
     def enter(self) -> None:
         if self.engine.draining:
             self.refused_at = time.monotonic()
-            raise Unavailable("server is shutting down (draining); retry on another replica")
+            raise Unavailable(DRAINING)
         self.in_flight += 1
         self._idle.clear()
 
     async def wait_quiet(self, quiet_s: float, timeout_s: float) -> None:
         """While draining: wait until no RPC was refused for `quiet_s` (clients have moved
-        on), at most `timeout_s`."""
+        on, or wait in `refuse`), counted from now, at most `timeout_s`."""
         deadline = time.monotonic() + timeout_s
+        self.refused_at = max(self.refused_at, time.monotonic())
         while (now := time.monotonic()) < deadline and now - self.refused_at < quiet_s:
             await asyncio.sleep(min(quiet_s, deadline - now))
+
+    async def refuse(self, context: grpc.aio.ServicerContext, error: ServingError) -> None:
+        """Answer a call refused while draining. gRPC answers CANCELLED (not UNAVAILABLE) to
+        calls it has taken but not yet handed to a handler when it stops (grpc/grpc#41785):
+        so a refused call is held until gRPC has begun to stop (GOAWAY sent: the client's next
+        call goes elsewhere, not into that queue), at most HOLD_S and never past its deadline,
+        and answered UNAVAILABLE then."""
+        remaining = context.time_remaining()
+        hold_s = HOLD_S if remaining is None else min(HOLD_S, remaining / 2)
+        if hold_s > 0 and not self.closing.is_set():
+            try:
+                await asyncio.wait_for(self.closing.wait(), hold_s)
+            except TimeoutError:
+                pass
+        await context.abort(error.code, str(error))
 
     def leave(self) -> None:
         self.in_flight -= 1
@@ -211,7 +232,7 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
             except ServingError as exc:
                 code = exc.code
                 calls.record(call, code)
-                await context.abort(exc.code, str(exc))
+                await calls.refuse(context, exc)
             recorded = False
             try:
                 wellformed(request)
@@ -250,10 +271,7 @@ def stream(api: str) -> Callable[..., Any]:
             calls: Calls = self.calls
             call = Call(api, handler.__name__, started=time.monotonic())
             if calls.engine.draining:
-                await context.abort(
-                    grpc.StatusCode.UNAVAILABLE,
-                    "server is shutting down (draining); retry on another replica",
-                )
+                await calls.refuse(context, Unavailable(DRAINING))
             try:
                 async for response in handler(self, requests, context):
                     yield response
