@@ -46,6 +46,26 @@ def test_a_crash_between_the_final_write_and_the_clean_up_leaves_each_path_once(
     assert not again.parts.exists() and tables.read(out, "parquet").equals(done)
 
 
+def test_a_job_removes_only_its_own_temporaries(tmp_path):
+    """`a.parquet` and `a.parquet.bak.parquet` in one folder: opening the first one's job
+    removes what a crash left of its own writes, never the other's (nor those of an output
+    named like a temporary of it)."""
+    out = tmp_path / "a.parquet"
+    ours = [tables.temporary(path, 41) for path in (out, *companions(out))]
+    others = [
+        tables.temporary(path, 42)
+        for other in (tmp_path / "a.parquet.bak.parquet", tmp_path / "a.parquet.tmp-x")
+        for path in (other, *companions(other))
+    ]
+    for path in ours + others:
+        path.write_bytes(b"half a file")
+    store = ChunkStore(out, "parquet", JOB, 0)
+    store.open(overwrite=False)
+    store.close()
+    assert [path.exists() for path in ours] == [False] * len(ours)
+    assert [path.exists() for path in others] == [True] * len(others)
+
+
 def test_rows_come_back_with_the_time_their_files_were_listed(tmp_path):
     """A chunk keeps its run's walk time; a finished FILE's rows take the time in its summary,
     but rows under folders that run could not list are checked again (0); without a summary,
