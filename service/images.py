@@ -7,7 +7,8 @@ The policy, applied the same way by the server, the in-process CLI and directory
    `max_pixels` is rejected (a decompression bomb costs nothing).
 3. EXIF orientation is applied (a photo taken sideways is classified upright). An image more
    than 4x the model's size is first box-reduced by an integer factor (JPEGs are decoded at a
-   reduced scale), which keeps huge files cheap and changes nothing visible at the model's size.
+   reduced scale), which keeps huge files cheap and changes nothing visible at the model's size;
+   the reduced image is the one turned upright, so no full-size copy is ever made.
 4. Modes: 16- and 32-bit integer images are scaled to 8 bits by their range (65535 -> 255);
    float images are taken as 0-1 when their maximum is at most 1, else as 0-255; an alpha
    channel (RGBA, LA, palette transparency) is composited onto black, the background of
@@ -26,13 +27,25 @@ import os
 from typing import BinaryIO
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from service.errors import InvalidInput
 
 # The formats we open; others (EPS runs Ghostscript, rare decoders are fragile) are refused.
 FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
 _WIDE_INT_MODES = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535, "I": 65535}
+_NUMPY_REDUCED = {"I;16", "I;16L", "I;16B", "I;16N"}  # "I" goes through reduce() itself
+_T = Image.Transpose
+_ORIENTATIONS = {
+    2: _T.FLIP_LEFT_RIGHT,
+    3: _T.ROTATE_180,
+    4: _T.FLIP_TOP_BOTTOM,
+    5: _T.TRANSPOSE,
+    6: _T.ROTATE_270,
+    7: _T.TRANSVERSE,
+    8: _T.ROTATE_90,
+}  # EXIF orientation -> the transposition that shows the image upright (as exif_transpose)
+_QUARTER_TURNS = {_T.TRANSPOSE, _T.ROTATE_270, _T.TRANSVERSE, _T.ROTATE_90}
 
 
 def decode(data: bytes | BinaryIO, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
@@ -55,7 +68,7 @@ def decode(data: bytes | BinaryIO, shape: tuple[int, int, int], max_pixels: int)
             opened.seek(0)  # first frame of animations and multi-page files
             if opened.format == "JPEG":  # decode big JPEGs at a fraction of their size
                 opened.draft(None, (shape[1] * 2, shape[0] * 2))
-            image = _shrink(ImageOps.exif_transpose(opened), shape)
+            image = _upright(opened, shape)
             image = _to_channels(image, shape[2])
             if image.size != (shape[1], shape[0]):
                 image = image.resize((shape[1], shape[0]), Image.Resampling.BILINEAR)
@@ -71,22 +84,43 @@ def decode(data: bytes | BinaryIO, shape: tuple[int, int, int], max_pixels: int)
     return array.reshape(shape)
 
 
+def _upright(opened: Image.Image, shape: tuple[int, int, int]) -> Image.Image:
+    """Decode, box-reduce (`_shrink`), then apply the EXIF orientation to the reduced image
+    (ImageOps.exif_transpose would copy the full-size one: twice the memory)."""
+    opened.load()
+    method = _ORIENTATIONS.get(opened.getexif().get(ExifTags.Base.Orientation, 1))
+    if method in _QUARTER_TURNS:  # the stored image is the displayed one turned sideways
+        shape = (shape[1], shape[0], shape[2])
+    image = _shrink(opened, shape)
+    return image if method is None else image.transpose(method)
+
+
 def _shrink(image: Image.Image, shape: tuple[int, int, int]) -> Image.Image:
-    """Box-reduce an image far larger than the model's input before any mode conversion, so
-    converting a huge 16-bit or RGBA file costs memory at about twice the model's size."""
+    """Box-reduce an image far larger than the model's input before any full-size mode
+    conversion, so converting a huge 16-bit or RGBA file costs memory at about twice the
+    model's size."""
     factor = min(image.width // shape[1], image.height // shape[0]) // 2
     if factor < 2:
         return image
-    if image.mode in _WIDE_INT_MODES:  # reduce() does not take 16-bit: block means in numpy
-        pixels = np.asarray(image)
-        h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
-        blocks = pixels[:h, :w].reshape(h // factor, factor, w // factor, factor)
-        means = blocks.mean(axis=(1, 3), dtype=np.float32)
-        return Image.fromarray(np.rint(means).astype(np.int32), mode="I")
+    if image.mode in _NUMPY_REDUCED:  # reduce() does not take 16-bit: block means in numpy
+        return _block_means(np.asarray(image), factor)
+    if image.mode == "1":
+        image = image.convert("L")  # 1 byte per pixel either way; reduce() needs "L"
+    elif image.mode == "P":  # palette indices cannot be averaged: their colours can
+        image = image.convert("RGBA" if "transparency" in image.info else "RGB")
     try:
         return image.reduce(factor)
     except (ValueError, NotImplementedError):  # a mode reduce() does not handle
         return image
+
+
+def _block_means(pixels: np.ndarray, factor: int) -> Image.Image:
+    """(H, W) integers -> their means over factor x factor blocks, as an "I" image (the
+    reshape is a view and the mean is buffered: no full-size temporary)."""
+    h, w = (pixels.shape[0] // factor) * factor, (pixels.shape[1] // factor) * factor
+    blocks = pixels[:h, :w].reshape(h // factor, factor, w // factor, factor)
+    means = blocks.mean(axis=(1, 3), dtype=np.float32)
+    return Image.fromarray(np.rint(means).astype(np.int32), mode="I")
 
 
 def _to_channels(image: Image.Image, channels: int) -> Image.Image:
