@@ -28,6 +28,8 @@ import grpc
 import numpy as np
 
 from service.client import Client, ClientError
+from service.config import MAX_IMAGE_PIXELS
+from service.cpus import available_cpus
 from service.errors import InvalidInput, ScoringError
 from service.predictions import Prediction, failed
 from service.repository import ModelSpec
@@ -104,7 +106,10 @@ def scored(batch: Sequence[Item], decoded: Decoded, session: Session) -> Result:
 
 
 class LocalEngine:
-    """onnxruntime here; `workers` processes decode (0: one per core). onnxruntime gets
+    """onnxruntime here; `workers` processes decode (0: one per CPU this process may use).
+    Each decodes one file at a time, so the job's decoding memory is `workers` images of at
+    most --max-image-pixels (no decode budget: it would only refuse what that limit does).
+    onnxruntime gets
     `intra_op_threads`, 0: the cores the decoders leave, at least one (more threads than
     that only fight the decoders for the same cores; measured slower on 2 cores)."""
 
@@ -121,7 +126,7 @@ class LocalEngine:
     ) -> None:
         self.spec = spec
         self.model, self.version, self.labels = spec.name, spec.version, spec.labels
-        cores = multiprocessing.cpu_count()
+        cores = available_cpus()
         self.workers = workers or cores
         threads = intra_op_threads or max(1, cores - self.workers)
         self.session = Runtime(device, threads).session(spec)
@@ -242,7 +247,7 @@ class RemoteEngine:
         workers: int,
         batch_size: int,
         max_message_bytes: int,
-        max_pixels: int = 50_000_000,
+        max_pixels: int = MAX_IMAGE_PIXELS,
         retries: int = 8,
     ) -> None:
         self.client = client
