@@ -87,7 +87,10 @@ def decode(
             if budget is None:
                 return _pixels(opened, shape)
             with budget.reserve(decoding_bytes(opened, stored, shape), _described(opened)):
-                return _pixels(opened, shape)
+                try:
+                    return _pixels(opened, shape)
+                finally:  # the full-size pixels are freed before the budget knows they are
+                    opened.close()
     except ServingError:
         raise
     except UnidentifiedImageError as exc:
