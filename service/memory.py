@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 MiB = 1024 * 1024
 TRIM_AFTER_BYTES = 32 * MiB  # freed since the last trim: less is not worth a trim
 TRIM_INTERVAL_S = 1.0  # at most one trim per second, whatever the traffic
+RETRY_LATER = "retry later"  # how a refusal that a retry may cure ends (scoring retries it)
 
 
 def _nothing(*_: object) -> None:
@@ -80,7 +81,7 @@ class DecodeBudget:
             if self._in_flight + nbytes > self.limit:
                 raise DecodeBudgetExceeded(
                     f"{what} needs about {need} MiB to decode and {_mib(self._in_flight)} MiB "
-                    f"of the {limit} are held by images decoding now: retry later"
+                    f"of the {limit} are held by images decoding now: {RETRY_LATER}"
                 )
             self._in_flight += nbytes
             self._on_change(self._in_flight)

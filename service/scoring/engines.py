@@ -31,6 +31,7 @@ from service.client import Client, ClientError
 from service.config import MAX_IMAGE_PIXELS
 from service.cpus import available_cpus
 from service.errors import InvalidInput, ScoringError
+from service.memory import RETRY_LATER
 from service.predictions import Prediction, failed
 from service.repository import ModelSpec
 from service.runtime import Runtime, Session
@@ -280,7 +281,7 @@ class RemoteEngine:
         keys: list[str] = []
         predictions: list[Prediction] = []
         for request in self._requests(batch, result):
-            predictions += self._classify([data for _, data in request])
+            predictions += self._answered([data for _, data in request])
             keys += [key for key, _ in request]
         good = [(key, p) for key, p in zip(keys, predictions, strict=True) if p.ok]
         result.errors += [
@@ -327,6 +328,25 @@ class RemoteEngine:
             result.errors.append((item.key, str(exc)))
         return None
 
+    def _answered(self, images: list[Image]) -> list[Prediction]:
+        """`_classify`, then again for the images the server's decode budget turned away
+        while it was busy ("retry later"), after the pauses of `retrying`, up to `retries`
+        times: a busy server does not turn files into error rows."""
+        predictions = self._classify(images)
+        for attempt in range(self.retries):
+            busy = [i for i, p in enumerate(predictions) if _busy(p)]
+            if not busy or self._stop.wait(backoff_s(attempt)):
+                break
+            log.warning(
+                "--server %s: %d images refused while its decoding was busy; retrying",
+                self.client.target,
+                len(busy),
+            )
+            again = self._classify([images[i] for i in busy])
+            for i, prediction in zip(busy, again, strict=True):
+                predictions[i] = prediction
+        return predictions
+
     def _classify(self, images: list[Image]) -> list[Prediction]:
         try:
             return retrying(
@@ -370,11 +390,22 @@ def retrying(call: Callable[[], T], retries: int, where: str, stop: Pause) -> T:
                 raise
             if exc.code not in RETRIED or attempt >= retries or stop.is_set():
                 raise ScoringError(f"{where}: {exc}") from None
-            pause = min(5.0, 0.1 * 2**attempt)
+            pause = backoff_s(attempt)
             log.warning("%s: %s; retrying in %.1f s", where, exc.code.name, pause)
             if stop.wait(pause):
                 raise ScoringError(f"{where}: {exc}") from None
             attempt += 1
+
+
+def backoff_s(attempt: int) -> float:
+    """The pause before retry `attempt` (from 0): 0.1, 0.2, 0.4 ... 5 s."""
+    return min(5.0, 0.1 * 2**attempt)
+
+
+def _busy(prediction: Prediction) -> bool:
+    """Refused by the server's --decode-budget-mib while other images decoded (not an image
+    too large for the whole budget, which no retry helps)."""
+    return prediction.error_code == "RESOURCE_EXHAUSTED" and prediction.error.endswith(RETRY_LATER)
 
 
 def _too_large(exc: ClientError) -> bool:

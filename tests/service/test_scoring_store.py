@@ -191,6 +191,57 @@ def test_retrying_waits_out_unavailable_and_gives_up_on_the_rest():
         engines.retrying(_raise(grpc.StatusCode.RESOURCE_EXHAUSTED, message), 3, "s", stop)
 
 
+def test_images_refused_while_the_servers_decoding_is_busy_are_sent_again(tmp_path):
+    """Remote scoring: a file the server's decode budget turned away for now ("retry later")
+    is sent again, alone, until it is scored; one too large for the whole budget stays an
+    error row, sent once."""
+    from types import SimpleNamespace
+
+    from service.predictions import Prediction
+    from service.scoring.engines import RemoteEngine
+
+    where = "model 'm' version 3, image 0: "
+    busy = f"{where}image of 3000x3000 RGB PNG needs about 34 MiB ... now: retry later"
+    never = f"{where}image of 4000x4000 RGB PNG needs about 61 MiB ...: send a smaller image"
+
+    class Server:
+        target = "s:1"
+
+        def __init__(self):
+            self.sent: list[list[bytes]] = []
+
+        def get_model(self, model, version):
+            shape, providers = (28, 28, 1), ("CPU",)
+            return SimpleNamespace(
+                name=model, version=version, labels=LABELS, input_shape=shape,
+                execution_providers=providers,
+            )  # fmt: skip
+
+        def classify(self, images, model, version, top_k):
+            self.sent.append(list(images))
+            return [self._answer(i, data) for i, data in enumerate(images)]
+
+        def _answer(self, index, data):
+            if data == b"big" or (data == b"busy" and len(self.sent) < 3):
+                error = never if data == b"big" else busy
+                return Prediction(index, "m", 3, error_code="RESOURCE_EXHAUSTED", error=error)
+            return Prediction(index, "m", 3, label="Trouser", probabilities=(0.2, 0.7, 0.1))
+
+    items = []
+    for name in ("ok", "busy", "big"):
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+        items.append(Item(f"{name}.png", str(tmp_path / f"{name}.png"), ""))
+    server = Server()
+    engine = RemoteEngine(server, "m", 3, workers=1, batch_size=8, max_message_bytes=1 << 20)
+    try:
+        [result] = list(engine.score(items))
+    finally:
+        engine.close()
+    assert server.sent == [[b"ok", b"busy", b"big"], [b"busy"], [b"busy"]]
+    assert result.keys == ["ok.png", "busy.png"]
+    assert result.errors == [("big.png", never.removeprefix(where))]
+
+
 def _raise(code, message):
     from service.client import ClientError
 
