@@ -89,7 +89,7 @@ def decode(
             with budget.reserve(decoding_bytes(opened, stored, shape), _described(opened)):
                 try:
                     return _pixels(opened, shape)
-                finally:  # the full-size pixels are freed before the budget knows they are
+                finally:  # the full-size pixels freed before the budget is (and trimmed)
                     opened.close()
     except ServingError:
         raise
@@ -124,10 +124,12 @@ def _pixels(opened: Image.Image, shape: tuple[int, int, int]) -> np.ndarray:
 def decoding_bytes(opened: Image.Image, stored: int, shape: tuple[int, int, int]) -> int:
     """The most memory `decode` holds at once for `opened` (header read, a JPEG's draft scale
     set; `stored`: its pixel count in the file), in bytes: the decoded image in Pillow's
-    layout (RGB takes 4 bytes a pixel) and the full-size buffers made before it is reduced,
-    as measured per mode by bench/decode_memory.py. An estimate: it errs high."""
+    layout (RGB takes 4 bytes a pixel) and the full-size buffers made before it is reduced:
+    within about 1 MiB of what bench/decode_memory.py measures, per mode."""
     pixels = opened.width * opened.height
-    if min(opened.width // shape[1], opened.height // shape[0]) // 2 < 2:
+    w, h = opened.size
+    turned = (shape[1], shape[0], shape[2])  # as `_upright` sees an EXIF quarter turn
+    if min(min(w // side[1], h // side[0]) // 2 for side in (shape, turned)) < 2:
         per_pixel = _UNREDUCED_BYTES  # small enough to be converted at its own size
     elif opened.mode == "P" and "transparency" in opened.info:
         per_pixel = _PEAK_BYTES["PA"] + 1
