@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from service.cli import ENV_PREFIX, add_option, connection_options, make_client
-from service.config import DEVICES, MiB, ServeConfig
+from service.config import DECODE_BUDGET_MIB, DEVICES, MAX_IMAGE_PIXELS, MiB, ServeConfig
+from service.cpus import available_cpus
 from service.errors import ServingError
 from service.predictions import Prediction
 from service.scoring import cli as scoring_cli
@@ -53,9 +54,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "--frontends",
         "front-end processes sharing the gRPC port (gRPC, decoding), beside one engine "
         "process that batches across all of them and runs onnxruntime; default: one per "
-        "core this process may run on; 0: everything in one process",
+        "CPU this process may use (its affinity and cgroup CPU quota); 0: everything in one "
+        "process",
         type=int,
-        default=len(os.sched_getaffinity(0)),
+        default=available_cpus(),
     )
     add_option(
         p,
@@ -114,10 +116,30 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--max-image-pixels",
-        "largest encoded image, in pixels (width x height), checked "
-        "from the header before decoding",
+        "largest encoded image, in pixels (width x height), checked from the header before "
+        "decoding: 16,000,000 is 4000x4000 or a 12 MP photo, up to 61 MiB to decode as an RGB "
+        "PNG (JPEGs are decoded at a reduced scale: far less)",
         type=int,
-        default=50_000_000,
+        default=MAX_IMAGE_PIXELS,
+    )
+    add_option(
+        p,
+        "--decode-budget-mib",
+        "memory for images being decoded, in MiB, per process that decodes (each front "
+        "end, or the one process of --frontends 0), estimated from each image's header "
+        "before decoding: an image that does not fit beside those decoding now, or alone, "
+        "is refused with RESOURCE_EXHAUSTED; at least 1 (no setting is unlimited); the "
+        "default fits one image of the default --max-image-pixels in any format",
+        type=int,
+        default=DECODE_BUDGET_MIB,
+    )
+    add_option(
+        p,
+        "--decode-threads",
+        "images decoded at once per process; 0: one per CPU this process may use (its "
+        "affinity and cgroup CPU quota)",
+        type=int,
+        default=0,
     )
     add_option(
         p,
@@ -183,7 +205,11 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_option(p, "--device", "with --repository: as for serve", choices=DEVICES, default="auto")
     add_option(
-        p, "--max-image-pixels", "with --repository: as for serve", type=int, default=50_000_000
+        p,
+        "--max-image-pixels",
+        "with --repository: as for serve",
+        type=int,
+        default=MAX_IMAGE_PIXELS,
     )
     connection_options(p)
     p.add_argument("images", nargs="+", type=Path, metavar="IMAGE", help="image files")

@@ -34,7 +34,8 @@ def add_option(parser: argparse._ActionsContainer, flag: str, help: str, **kwarg
         kwargs["default"] = value  # argparse converts a string with `type`
         kwargs["required"] = False
     if "metavar" not in kwargs and kwargs.get("type") in (int, float):
-        unit = next((u for u in ("ms", "s", "bytes", "pixels") if flag.endswith("-" + u)), "n")
+        units = ("ms", "s", "bytes", "pixels", "mib")
+        unit = next((u for u in units if flag.endswith("-" + u)), "n")
         kwargs["metavar"] = unit.upper()
     shown = " (default: %(default)s)" if kwargs.get("default") is not None else ""
     parser.add_argument(flag, help=f"{help}{shown} [env {env}]", **kwargs)

@@ -13,6 +13,11 @@ from service.errors import ConfigError
 
 DEVICES = ("auto", "cuda", "cpu")
 MiB = 1024 * 1024
+# 16 MP: a 4000x4000 picture or any 12 MP photo, for models that read 28x28 or 32x32 pixels;
+# decoding one costs up to 61 MiB (RGB PNG) or 244 MiB (lossless WebP), so every image it
+# allows fits alone in the default decode budget (bench/decode_memory.py).
+MAX_IMAGE_PIXELS = 16_000_000
+DECODE_BUDGET_MIB = 256
 
 
 @dataclass(frozen=True)
@@ -27,7 +32,9 @@ class ServeConfig:
     max_queue_size: int = 1024  # images waiting per model version
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     poll_interval_s: float = 5.0  # 0: load the repository once, never poll
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+    decode_budget_mib: int = DECODE_BUDGET_MIB  # decoded pixels in flight per process
+    decode_threads: int = 0  # per process; 0: one per CPU the process may use
     max_message_bytes: int = 64 * MiB
     drain_timeout_s: float = 30.0
     tls_cert: Path | None = None
@@ -50,6 +57,8 @@ class ServeConfig:
             (self.intra_op_threads >= 0, "--intra-op-threads must be >= 0"),
             (self.poll_interval_s >= 0, "--poll-interval-s must be >= 0"),
             (self.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
+            (self.decode_budget_mib >= 1, "--decode-budget-mib must be at least 1 (MiB)"),
+            (0 <= self.decode_threads <= 1024, "--decode-threads must be 0-1024 (0: one per CPU)"),
             (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
             (self.drain_timeout_s >= 0, "--drain-timeout-s must be >= 0"),
             (
@@ -131,13 +140,13 @@ class ScoreConfig:
     server: str | None = None
     ray_address: str | None = None
     batch_size: int = 64
-    workers: int = 0  # 0: one per core (local, ray), 4 requests in flight (remote)
+    workers: int = 0  # 0: one per CPU this process may use (local, ray), 4 in flight (remote)
     recursive: bool = True
     limit: int = 0  # 0: every file; N: the first N image files of the walk
     overwrite: bool = False
     device: str = "auto"
     intra_op_threads: int = 0  # local engine; 0: the cores the decoders leave, at least 1
-    max_image_pixels: int = 50_000_000
+    max_image_pixels: int = MAX_IMAGE_PIXELS
     max_message_bytes: int = 64 * MiB
     chunk_rows: int = 1000  # rows per chunk written while the job runs
     chunk_interval_s: float = 10.0  # ... or a chunk at least this often

@@ -14,7 +14,6 @@ what the transports may know of a loaded version: its spec and the providers it 
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -25,8 +24,18 @@ import numpy as np
 from prometheus_client import Histogram
 
 from service import images as imaging
-from service.config import ServeConfig
-from service.errors import InvalidInput, ModelNotFound, ServingError, Unavailable, shorten
+from service import memory
+from service.config import MiB, ServeConfig
+from service.cpus import available_cpus
+from service.errors import (
+    DecodeBudgetExceeded,
+    InvalidInput,
+    ModelNotFound,
+    ServingError,
+    Unavailable,
+    shorten,
+)
+from service.memory import DecodeBudget
 from service.metrics import Metrics
 from service.predictions import DEFAULT_TOP_K, Prediction, failed, from_outputs
 from service.repository import ModelSpec
@@ -101,7 +110,12 @@ class Core:
         self._models: dict[str, dict[int, Model]] = {}
         self._listeners: list[Callable[[str, bool], None]] = []
         self._decode = ThreadPoolExecutor(
-            max_workers=os.cpu_count() or 2, thread_name_prefix="decode"
+            max_workers=config.decode_threads or available_cpus(), thread_name_prefix="decode"
+        )
+        self.decode_budget = DecodeBudget(
+            config.decode_budget_mib * MiB,
+            on_change=self.metrics.decode_in_flight.set,
+            on_idle=memory.release_freed_memory,
         )
 
     # ---- what an implementation provides
@@ -187,9 +201,10 @@ class Core:
 
     async def decode(
         self, model: Model, inputs: Sequence[ImageInput | InvalidInput]
-    ) -> list[np.ndarray | InvalidInput]:
-        """Each input -> (H, W, C) uint8, or the InvalidInput that says why not (naming the
-        model, version and image index). Encoded images decode in parallel, off the loop."""
+    ) -> list[np.ndarray | ServingError]:
+        """Each input -> (H, W, C) uint8, or the error that says why not (naming the model,
+        version and image index): InvalidInput, or DecodeBudgetExceeded when decoding it
+        would pass --decode-budget-mib. Encoded images decode in parallel, off the loop."""
         loop = asyncio.get_running_loop()
         jobs = {
             i: loop.run_in_executor(self._decode, self._decode_one, model, i, item)
@@ -204,7 +219,7 @@ class Core:
 
     def _decode_one(
         self, model: Model, index: int, item: ImageInput | InvalidInput
-    ) -> np.ndarray | InvalidInput:
+    ) -> np.ndarray | ServingError:
         shape = model.spec.image_shape
         started = time.monotonic()
         try:
@@ -212,9 +227,13 @@ class Core:
                 raise item
             if isinstance(item, np.ndarray):
                 return imaging.check_tensor(item, shape)
-            array = imaging.decode(item, shape, self.config.max_image_pixels)
+            limit = self.config.max_image_pixels
+            array = imaging.decode(item, shape, limit, self.decode_budget)
             model.decode_seconds.observe(time.monotonic() - started)
             return array
+        except DecodeBudgetExceeded as exc:
+            self.metrics.decode_refused.labels(model.spec.name, str(model.spec.version)).inc()
+            return DecodeBudgetExceeded(f"{model.where}, image {index}: {exc}")
         except InvalidInput as exc:
             return InvalidInput(f"{model.where}, image {index}: {exc}")
 

@@ -34,6 +34,13 @@ class QueueFull(ServingError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class DecodeBudgetExceeded(ServingError):
+    """Decoding an image would take more memory than --decode-budget-mib leaves: now, while
+    other images are decoding (retry later), or ever (the image alone needs more)."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
 class Unavailable(ServingError):
     """The server (or the model) is not ready, or the server is draining."""
 

@@ -1,14 +1,15 @@
 """Prometheus metrics: one registry per server (no global state), served on --metrics-port.
 
-Every series carries `model` and `version`; request counters add `api` (classifier.v1 or
-inference.v2) and `code` (the gRPC status name). Durations are histograms, so any quantile can be
-computed across replicas.
+Every series carries `model` and `version` (but the process-wide bytes of images decoding);
+request counters add `api` (classifier.v1 or inference.v2) and `code` (the gRPC status name).
+Durations are histograms, so any quantile can be computed across replicas.
 
 With front-end processes (`serve --frontends N`) every process writes its counters and
 histograms to prometheus_client's multiprocess files (the supervisor sets
 PROMETHEUS_MULTIPROC_DIR for its children, which prometheus_client reads at import); the engine
 serves one /metrics that sums them over all processes, dead ones included (counters never go
-back), plus the gauges it reads live at scrape time.
+back), plus the gauges it reads live at scrape time. The decoding bytes gauge sums the live
+processes only (the supervisor drops a dead one's file).
 """
 
 from __future__ import annotations
@@ -19,7 +20,14 @@ from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server, values
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    start_http_server,
+    values,
+)
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.registry import Collector
 
@@ -92,6 +100,20 @@ class Metrics:
             mv,
             buckets=LATENCY_BUCKETS,
             registry=reg,
+        )
+        self.decode_refused = Counter(
+            "cnn_serving_decode_refused",
+            "Encoded images refused before decoding because --decode-budget-mib was full "
+            "(or too small for them): answered RESOURCE_EXHAUSTED.",
+            mv,
+            registry=reg,
+        )
+        self.decode_in_flight = Gauge(
+            "cnn_serving_decode_bytes_in_flight",
+            "Estimated bytes of images being decoded now, summed over the processes that "
+            "decode; each is bounded by --decode-budget-mib.",
+            registry=reg,
+            multiprocess_mode="livesum",
         )
         self.inference_duration = Histogram(
             "cnn_serving_inference_duration_seconds",

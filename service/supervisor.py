@@ -32,6 +32,8 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from prometheus_client import multiprocess
+
 from service.config import ServeConfig
 from service.errors import ConfigError, ServingError
 from service.ipc import link as links
@@ -184,6 +186,8 @@ class Supervisor:
         if child.link is not None:
             child.link.close()
         removed = shm.reclaim(self.prefix, pid)
+        # Its live gauges (bytes decoding) end with it; its counters stay in the sums.
+        multiprocess.mark_process_dead(pid, str(self._metrics_dir))
         quick = time.monotonic() - child.started < QUICK_DEATH_S
         child.failures = child.failures + 1 if quick else 0
         pause = min(0.5 * 2 ** (child.failures - 1), MAX_BACKOFF_S) if child.failures else 0.0

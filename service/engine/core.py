@@ -246,7 +246,7 @@ class Engine(Core):
         self.metrics.forget(name, version)
         del model  # the last reference: its session and arena are freed here...
         loop = asyncio.get_running_loop()  # ...and given back to the system, off the loop
-        await loop.run_in_executor(self._loader, memory.release)
+        await loop.run_in_executor(self._loader, memory.release_freed_memory)
 
     # ---- lookups and work
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from service.cli import ENV_PREFIX, add_option, connection_options, make_client
-from service.config import DEVICES, ENGINES, MAX_WORKERS, MiB, ScoreConfig
+from service.config import DEVICES, ENGINES, MAX_IMAGE_PIXELS, MAX_WORKERS, MiB, ScoreConfig
 from service.errors import ConfigError
 
 DESCRIPTION = """\
@@ -91,7 +91,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         job,
         "--workers",
         "decoding processes (local), requests in flight (remote) or actors (ray); "
-        f"0: one per core (remote: 4); at most {MAX_WORKERS}",
+        "0: one per CPU this process may use, its affinity and cgroup CPU quota (remote: 4); "
+        f"at most {MAX_WORKERS}",
         type=int,
         default=0,
     )
@@ -122,7 +123,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
         "as for serve: larger images are error rows (remote: the server's limit applies, this one "
         "to files too large for a message, decoded here)",
         type=int,
-        default=50_000_000,
+        default=MAX_IMAGE_PIXELS,
     )
     add_option(
         job,

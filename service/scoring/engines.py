@@ -28,7 +28,10 @@ import grpc
 import numpy as np
 
 from service.client import Client, ClientError
+from service.config import MAX_IMAGE_PIXELS
+from service.cpus import available_cpus
 from service.errors import InvalidInput, ScoringError
+from service.memory import RETRY_LATER
 from service.predictions import Prediction, failed
 from service.repository import ModelSpec
 from service.runtime import Runtime, Session
@@ -104,7 +107,10 @@ def scored(batch: Sequence[Item], decoded: Decoded, session: Session) -> Result:
 
 
 class LocalEngine:
-    """onnxruntime here; `workers` processes decode (0: one per core). onnxruntime gets
+    """onnxruntime here; `workers` processes decode (0: one per CPU this process may use).
+    Each decodes one file at a time, so the job's decoding memory is `workers` images of at
+    most --max-image-pixels (no decode budget: it would only refuse what that limit does).
+    onnxruntime gets
     `intra_op_threads`, 0: the cores the decoders leave, at least one (more threads than
     that only fight the decoders for the same cores; measured slower on 2 cores)."""
 
@@ -121,7 +127,7 @@ class LocalEngine:
     ) -> None:
         self.spec = spec
         self.model, self.version, self.labels = spec.name, spec.version, spec.labels
-        cores = multiprocessing.cpu_count()
+        cores = available_cpus()
         self.workers = workers or cores
         threads = intra_op_threads or max(1, cores - self.workers)
         self.session = Runtime(device, threads).session(spec)
@@ -242,7 +248,7 @@ class RemoteEngine:
         workers: int,
         batch_size: int,
         max_message_bytes: int,
-        max_pixels: int = 50_000_000,
+        max_pixels: int = MAX_IMAGE_PIXELS,
         retries: int = 8,
     ) -> None:
         self.client = client
@@ -275,7 +281,7 @@ class RemoteEngine:
         keys: list[str] = []
         predictions: list[Prediction] = []
         for request in self._requests(batch, result):
-            predictions += self._classify([data for _, data in request])
+            predictions += self._answered([data for _, data in request])
             keys += [key for key, _ in request]
         good = [(key, p) for key, p in zip(keys, predictions, strict=True) if p.ok]
         result.errors += [
@@ -322,6 +328,25 @@ class RemoteEngine:
             result.errors.append((item.key, str(exc)))
         return None
 
+    def _answered(self, images: list[Image]) -> list[Prediction]:
+        """`_classify`, then again for the images the server's decode budget turned away
+        while it was busy ("retry later"), after the pauses of `retrying`, up to `retries`
+        times: a busy server does not turn files into error rows."""
+        predictions = self._classify(images)
+        for attempt in range(self.retries):
+            busy = [i for i, p in enumerate(predictions) if _busy(p)]
+            if not busy or self._stop.wait(backoff_s(attempt)):
+                break
+            log.warning(
+                "--server %s: %d images refused while its decoding was busy; retrying",
+                self.client.target,
+                len(busy),
+            )
+            again = self._classify([images[i] for i in busy])
+            for i, prediction in zip(busy, again, strict=True):
+                predictions[i] = prediction
+        return predictions
+
     def _classify(self, images: list[Image]) -> list[Prediction]:
         try:
             return retrying(
@@ -365,11 +390,22 @@ def retrying(call: Callable[[], T], retries: int, where: str, stop: Pause) -> T:
                 raise
             if exc.code not in RETRIED or attempt >= retries or stop.is_set():
                 raise ScoringError(f"{where}: {exc}") from None
-            pause = min(5.0, 0.1 * 2**attempt)
+            pause = backoff_s(attempt)
             log.warning("%s: %s; retrying in %.1f s", where, exc.code.name, pause)
             if stop.wait(pause):
                 raise ScoringError(f"{where}: {exc}") from None
             attempt += 1
+
+
+def backoff_s(attempt: int) -> float:
+    """The pause before retry `attempt` (from 0): 0.1, 0.2, 0.4 ... 5 s."""
+    return min(5.0, 0.1 * 2**attempt)
+
+
+def _busy(prediction: Prediction) -> bool:
+    """Refused by the server's --decode-budget-mib while other images decoded (not an image
+    too large for the whole budget, which no retry helps)."""
+    return prediction.error_code == "RESOURCE_EXHAUSTED" and prediction.error.endswith(RETRY_LATER)
 
 
 def _too_large(exc: ClientError) -> bool:

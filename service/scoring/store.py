@@ -18,7 +18,6 @@ and only then the lock released.
 from __future__ import annotations
 
 import fcntl
-import glob
 import json
 import logging
 import os
@@ -129,11 +128,12 @@ class ChunkStore:
         return job if isinstance(job, dict) else None
 
     def _remove_temporaries(self) -> None:
-        """What a crash left half-written: chunks, and FILE or its companions (we hold the
-        lock, so no other job is writing them)."""
+        """What a crash left half-written: chunks (FILE.parts/ is this job's alone), and the
+        temporaries of FILE and its companions, by their exact names (we hold the lock, so no
+        other job is writing them; another output in the same folder keeps its own)."""
         stale = [
             *self.parts.glob(".*.tmp-*"),
-            *self.out.parent.glob(f".{glob.escape(self.out.name)}*.tmp-*"),
+            *(t for path in (self.out, *companions(self.out)) for t in tables.temporaries(path)),
         ]
         for path in stale:
             path.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ them exactly. In CSV, `probabilities` is a JSON list in one cell.
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 from collections.abc import Iterator, Sequence
@@ -127,18 +128,34 @@ def empty() -> pa.Table:
 # ---- formats
 
 
+_TEMPORARY = ".{name}.tmp-"  # + the writer's pid: the one place temporary names are made
+
+
+def temporary(path: Path, pid: int) -> Path:
+    """The name process `pid` writes `path` under before renaming it (`atomically`)."""
+    return path.with_name(_TEMPORARY.format(name=path.name) + str(pid))
+
+
+def temporaries(path: Path) -> list[Path]:
+    """What any process left of writing `path` (a crash before its rename): exactly the names
+    `temporary(path, pid)`, not those of another file whose name starts with `path`'s."""
+    prefix = _TEMPORARY.format(name=path.name)
+    candidates = path.parent.glob(glob.escape(prefix) + "*")
+    return [p for p in candidates if p.name.removeprefix(prefix).isdigit()]
+
+
 @contextmanager
 def atomically(path: Path) -> Iterator[Path]:
     """A temporary name beside `path` to write; on success it is synced and renamed to `path`,
     so a reader (or a crash) never sees half a file."""
-    temporary = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    temporary_path = temporary(path, os.getpid())
     try:
-        yield temporary
-        with open(temporary, "rb") as written:
+        yield temporary_path
+        with open(temporary_path, "rb") as written:
             os.fsync(written.fileno())
-        os.replace(temporary, path)
+        os.replace(temporary_path, path)
     finally:
-        temporary.unlink(missing_ok=True)
+        temporary_path.unlink(missing_ok=True)
 
 
 def write(table: pa.Table, path: Path, fmt: str) -> None:

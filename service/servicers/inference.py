@@ -137,7 +137,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         if isinstance(images, list):  # encoded files: all must decode (V2 has no per-image error)
             decoded = await self.engine.decode(model, images)
             for item in decoded:
-                if isinstance(item, InvalidInput):
+                if isinstance(item, ServingError):  # the first bad image fails the request
                     raise item
             images = np.stack(decoded)  # type: ignore[arg-type]
         outputs = await self.engine.infer(model, images, deadline(context))

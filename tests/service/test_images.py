@@ -89,6 +89,30 @@ def test_exif_orientation_is_applied() -> None:
     assert out[:3].mean() > 200 and out[-3:].mean() < 50
 
 
+def test_a_large_image_is_reduced_then_turned_upright() -> None:
+    """Shrunk first, turned after (no full-size copy): the same picture as turning first. A
+    quarter turn of a tall, non-square image swaps which side is reduced by what."""
+    pixels = np.zeros((560, 280), np.uint8)
+    pixels[:, :40] = 255  # a bar on the left edge
+    exif = Image.Exif()
+    exif[0x0112] = 6  # displayed turned 90 degrees clockwise: the bar on the top edge
+    out = decode(encoded(Image.fromarray(pixels), "PNG", exif=exif), (28, 56, 1), LIMIT)
+    assert out.shape == (28, 56, 1)
+    assert out[:3].mean() > 200 and out[-3:].max() < 50
+
+
+@pytest.mark.parametrize("mode", ["P", "1", "I;16", "I"])
+def test_large_images_of_modes_reduce_cannot_take_decode(mode: str) -> None:
+    """Palette and bilevel images are converted before the box reduction (indices cannot be
+    averaged), 16-bit ones are averaged in numpy, 32-bit ones by Pillow."""
+    top = {"P": 255, "1": 255, "I;16": 65535, "I": 65535}[mode]
+    picture = Image.fromarray(np.zeros((560, 560), np.uint8)).convert(mode)
+    picture.paste(top, (0, 0, 280, 560))  # the left half at the top of the mode's range
+    fmt = "TIFF" if mode == "I" else "PNG"
+    out = decode(encoded(picture, fmt), GRAY, LIMIT)[..., 0]
+    assert out[:, :12].min() > 245 and out[:, 16:].max() < 10
+
+
 def bomb_png(width: int, height: int) -> bytes:
     """A PNG announcing width x height gray pixels, with a highly compressed (here: cut
     short) zero stream behind it: decoding it would allocate width * height bytes."""

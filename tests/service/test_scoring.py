@@ -92,7 +92,7 @@ def test_every_image_file_gets_exactly_one_row_with_the_right_status(local, tree
             assert row["error"] and len(row["error"]) < 200, row
             assert row["label"] is None and row["probabilities"] is None
     errors = {row["path"]: row["error"] for row in table if row["error"]}
-    assert "--max-image-pixels 50,000,000" in errors["bad/bomb.png"]
+    assert "--max-image-pixels 16,000,000" in errors["bad/bomb.png"]  # the default
     assert errors["bad/empty.png"] == "empty image (0 bytes)"
     assert errors["bad/pipe.png"] == "not a regular file"
     assert errors["bad/gone.png"].startswith("cannot read the file: No such file")

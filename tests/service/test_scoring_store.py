@@ -46,6 +46,26 @@ def test_a_crash_between_the_final_write_and_the_clean_up_leaves_each_path_once(
     assert not again.parts.exists() and tables.read(out, "parquet").equals(done)
 
 
+def test_a_job_removes_only_its_own_temporaries(tmp_path):
+    """`a.parquet` and `a.parquet.bak.parquet` in one folder: opening the first one's job
+    removes what a crash left of its own writes, never the other's (nor those of an output
+    named like a temporary of it)."""
+    out = tmp_path / "a.parquet"
+    ours = [tables.temporary(path, 41) for path in (out, *companions(out))]
+    others = [
+        tables.temporary(path, 42)
+        for other in (tmp_path / "a.parquet.bak.parquet", tmp_path / "a.parquet.tmp-x")
+        for path in (other, *companions(other))
+    ]
+    for path in ours + others:
+        path.write_bytes(b"half a file")
+    store = ChunkStore(out, "parquet", JOB, 0)
+    store.open(overwrite=False)
+    store.close()
+    assert [path.exists() for path in ours] == [False] * len(ours)
+    assert [path.exists() for path in others] == [True] * len(others)
+
+
 def test_rows_come_back_with_the_time_their_files_were_listed(tmp_path):
     """A chunk keeps its run's walk time; a finished FILE's rows take the time in its summary,
     but rows under folders that run could not list are checked again (0); without a summary,
@@ -169,6 +189,57 @@ def test_retrying_waits_out_unavailable_and_gives_up_on_the_rest():
     with pytest.raises(ClientError):  # too large: the caller splits the request
         message = "Received message larger than max (9 vs. 4)"
         engines.retrying(_raise(grpc.StatusCode.RESOURCE_EXHAUSTED, message), 3, "s", stop)
+
+
+def test_images_refused_while_the_servers_decoding_is_busy_are_sent_again(tmp_path):
+    """Remote scoring: a file the server's decode budget turned away for now ("retry later")
+    is sent again, alone, until it is scored; one too large for the whole budget stays an
+    error row, sent once."""
+    from types import SimpleNamespace
+
+    from service.predictions import Prediction
+    from service.scoring.engines import RemoteEngine
+
+    where = "model 'm' version 3, image 0: "
+    busy = f"{where}image of 3000x3000 RGB PNG needs about 34 MiB ... now: retry later"
+    never = f"{where}image of 4000x4000 RGB PNG needs about 61 MiB ...: send a smaller image"
+
+    class Server:
+        target = "s:1"
+
+        def __init__(self):
+            self.sent: list[list[bytes]] = []
+
+        def get_model(self, model, version):
+            shape, providers = (28, 28, 1), ("CPU",)
+            return SimpleNamespace(
+                name=model, version=version, labels=LABELS, input_shape=shape,
+                execution_providers=providers,
+            )  # fmt: skip
+
+        def classify(self, images, model, version, top_k):
+            self.sent.append(list(images))
+            return [self._answer(i, data) for i, data in enumerate(images)]
+
+        def _answer(self, index, data):
+            if data == b"big" or (data == b"busy" and len(self.sent) < 3):
+                error = never if data == b"big" else busy
+                return Prediction(index, "m", 3, error_code="RESOURCE_EXHAUSTED", error=error)
+            return Prediction(index, "m", 3, label="Trouser", probabilities=(0.2, 0.7, 0.1))
+
+    items = []
+    for name in ("ok", "busy", "big"):
+        (tmp_path / f"{name}.png").write_bytes(name.encode())
+        items.append(Item(f"{name}.png", str(tmp_path / f"{name}.png"), ""))
+    server = Server()
+    engine = RemoteEngine(server, "m", 3, workers=1, batch_size=8, max_message_bytes=1 << 20)
+    try:
+        [result] = list(engine.score(items))
+    finally:
+        engine.close()
+    assert server.sent == [[b"ok", b"busy", b"big"], [b"busy"], [b"busy"]]
+    assert result.keys == ["ok.png", "busy.png"]
+    assert result.errors == [("big.png", never.removeprefix(where))]
 
 
 def _raise(code, message):
