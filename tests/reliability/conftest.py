@@ -1,5 +1,5 @@
-"""Reliability fixtures: the hypothesis profiles, and one real server per fuzz module in both
-server modes, with the checks every fuzz example ends with.
+"""Reliability fixtures: the hypothesis profiles of the fuzz suite, and its server (one per
+module, in both modes: `frontends`) with the checks every fuzz example ends with.
 
 HYPOTHESIS_PROFILE chooses the profile: "ci" (the default, what `make test` runs: a bounded
 set of examples, the same on every run, no example database) or "long" (many more examples,
@@ -48,19 +48,13 @@ def share(divisor: int) -> settings:
 
 TIMEOUT_S = 30  # per call: a hung server fails the example (DEADLINE_EXCEEDED is not allowed)
 RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ", re.MULTILINE)
-# grpc answers a request it cannot parse for a service that is not ours with UNKNOWN and logs
-# the DecodeError's traceback (issue 14 part 5); that record is not our services' doing.
-NOT_OURS = re.compile(r"servicer method \[/grpc\.(health\.v1\.Health|reflection\.)")
 
 
 def problems(log: str) -> list[str]:
-    """The log records of `log` that are an ERROR or hold a traceback, but for NOT_OURS."""
+    """The log records of `log` that are an ERROR or hold a traceback."""
     starts = [m.start() for m in RECORD.finditer(log)] + [len(log)]
     records = [log[a:b] for a, b in zip(starts, starts[1:], strict=False)]
-    return [
-        r for r in records
-        if (" ERROR " in r.split("\n", 1)[0] or "Traceback" in r) and not NOT_OURS.search(r)
-    ]  # fmt: skip
+    return [r for r in records if " ERROR " in r.split("\n", 1)[0] or "Traceback" in r]
 
 
 @dataclass
@@ -81,9 +75,10 @@ class Fuzzed:
         assert not problems("".join(self.served.log.lines[since:]))
 
 
-@pytest.fixture(scope="module", params=["0", "2"], ids=["single-process", "frontends-2"])
-def fuzzed(request: pytest.FixtureRequest, repository: Path) -> Iterator[Fuzzed]:
-    served = start_server(repository, "--frontends", request.param, "--poll-interval-s", "0")
+@pytest.fixture(scope="module")
+def fuzzed(repository: Path, frontends: str) -> Iterator[Fuzzed]:
+    """The module's server, in the `frontends` mode (both, one after the other)."""
+    served = start_server(repository, "--poll-interval-s", "0")
     channel = grpc.insecure_channel(served.target)
     try:
         yield Fuzzed(served, channel)
