@@ -67,8 +67,9 @@ class WellFormed(grpc.aio.ServerInterceptor):
     UNKNOWN with a logged traceback: those of our own services reach their handler as
     `Malformed` (a stream goes on), those of health and reflection are refused before theirs."""
 
-    def __init__(self, services: tuple[str, ...]) -> None:
+    def __init__(self, services: tuple[str, ...], max_fields: int) -> None:
         self._prefixes = tuple(f"/{service}/" for service in services)
+        self._max_fields = max_fields
         self._handlers: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(
@@ -84,7 +85,7 @@ class WellFormed(grpc.aio.ServerInterceptor):
                 return handler
             ours = method.startswith(self._prefixes)
             guard = wellformed_requests if ours else refuse_malformed
-            wrapped = self._handlers[method] = guard(handler, method)
+            wrapped = self._handlers[method] = guard(handler, method, self._max_fields)
         return wrapped
 
 
@@ -141,7 +142,10 @@ class Server:
             classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
             grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
         )
-        interceptors: list[grpc.aio.ServerInterceptor] = [WellFormed(ours)]
+        # A request's fields, nested ones included: a Classify of --max-queue-size raw
+        # tensors holds about 7 per image; a V2 request far fewer.
+        max_fields = 8 * config.max_queue_size + 1024
+        interceptors: list[grpc.aio.ServerInterceptor] = [WellFormed(ours, max_fields)]
         if token:
             interceptors.insert(0, TokenAuth(token))
         options = channel_options(config.max_message_bytes)

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 
 from service.core import Core, Model
 from service.errors import InvalidInput, ServingError, Unavailable, shorten
+from service.servicers import wire
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,9 @@ class Malformed:
     `wellformed_requests`), so that it is answered INVALID_ARGUMENT like any bad data, and in a
     stream fails alone, instead of gRPC's own UNKNOWN for a deserializer error."""
 
-    def __init__(self, method: str, reason: str) -> None:
+    def __init__(self, method: str, reason: str, message: str | None = None) -> None:
         self.error = InvalidInput(
-            f"{method}: the request is not a valid protobuf message ({reason})"
+            message or f"{method}: the request is not a valid protobuf message ({reason})"
         )
 
 
@@ -47,30 +48,44 @@ def wellformed(request: object) -> None:
         raise request.error
 
 
-def wellformed_requests(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    """`handler` with a request deserializer that returns `Malformed` instead of raising.
+def wellformed_requests(
+    handler: grpc.RpcMethodHandler, method: str, max_fields: int
+) -> grpc.RpcMethodHandler:
+    """`handler` with a request deserializer that returns `Malformed` instead of raising, and
+    for a request of more than `max_fields` protobuf fields (wire.py) without parsing it.
     Only for our own servicers, whose handlers check for it (`unary`, `one_message`)."""
     parse = handler.request_deserializer
     if parse is None:
         return handler
     name = method.rsplit("/", 1)[-1]
+    descriptor = getattr(getattr(parse, "__self__", None), "DESCRIPTOR", None)
+    too_many = (
+        f"{name}: the request holds more than {max_fields:,} protobuf fields, more than any "
+        "request within --max-queue-size can use; split it"
+    )
 
     def deserialize(data: bytes) -> object:
         try:
+            if descriptor is not None:
+                wire.check_fields(data, descriptor, max_fields)
             return parse(data)
+        except wire.TooManyFields:
+            return Malformed(name, "", too_many)
         except DecodeError as exc:
             return Malformed(name, shorten(str(exc) or "cannot be parsed"))
 
     return handler._replace(request_deserializer=deserialize)  # type: ignore[attr-defined]
 
 
-def refuse_malformed(handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+def refuse_malformed(
+    handler: grpc.RpcMethodHandler, method: str, max_fields: int
+) -> grpc.RpcMethodHandler:
     """`handler` (of a service not ours: health, reflection) answering a request that is not
     valid protobuf INVALID_ARGUMENT, without a traceback in the log; on a request stream the
     first such message ends the stream with that status."""
     if handler.request_deserializer is None:
         return handler
-    handler = wellformed_requests(handler, method)
+    handler = wellformed_requests(handler, method, max_fields)
     if handler.request_streaming:
         field = "stream_stream" if handler.response_streaming else "stream_unary"
         behavior = getattr(handler, field)

@@ -60,6 +60,9 @@ def hostile() -> list[tuple[str, bytes]]:
     classify = pb.ClassifyRequest(model=MODEL)
     for _ in range(N):
         classify.images.add(encoded=b"x")
+    flood = infer()  # 15 MB of small entries: 2 s of parsing, on the loop
+    for i in range(1_000_000):
+        flood.parameters[f"k{i}"].bool_param = True
     v2_infer = "/inference.GRPCInferenceService/ModelInfer"
     requests = [
         (v2_infer, many_outputs([*distinct, distinct[-1]])),  # the duplicate comes last
@@ -68,6 +71,7 @@ def hostile() -> list[tuple[str, bytes]]:
         (v2_infer, infer(raw_input_contents=[b"\0"] * N)),
         (v2_infer, v2.ModelInferRequest(model_name=MODEL, inputs=shape.inputs)),
         (v2_infer, params),
+        (v2_infer, flood),
         ("/classifier.v1.Classifier/Classify", classify),
     ]
     return [(method, request.SerializeToString()) for method, request in requests]
@@ -118,6 +122,22 @@ def test_hostile_requests_are_refused_and_health_keeps_answering(server: Served)
     slow = [t for t in latencies if t >= HEALTH_BOUND_S]
     assert latencies and max(latencies) < STALL_S, sorted(latencies)[-5:]
     assert len(slow) <= len(latencies) // 100, (len(latencies), sorted(latencies)[-5:])
+
+
+def test_a_request_of_too_many_fields_is_refused_unparsed(server: Served):
+    flood = infer()
+    flood.outputs.add(name="probabilities")
+    for i in range(20_000):  # in a nested message: counted the same
+        flood.outputs[0].parameters[f"k{i}"].bool_param = True
+    with grpc.insecure_channel(server.target) as channel:
+        send = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as caught:
+            send(flood.SerializeToString(), timeout=30)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert caught.value.details() == (
+        "ModelInfer: the request holds more than 9,216 protobuf fields, more than any request "
+        "within --max-queue-size can use; split it"
+    )
 
 
 def test_too_many_outputs_is_named(server: Served):
