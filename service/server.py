@@ -21,7 +21,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from service.config import ServeConfig, channel_options
+from service.config import ServeConfig, server_options
 from service.core import SERVER, Core
 from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
@@ -148,7 +148,7 @@ class Server:
         interceptors: list[grpc.aio.ServerInterceptor] = [WellFormed(ours, max_fields)]
         if token:
             interceptors.insert(0, TokenAuth(token))
-        options = channel_options(config.max_message_bytes)
+        options = server_options(config)
         if self.frontend:  # every front end listens on the same port
             options = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
         server = grpc.aio.server(interceptors=interceptors, options=options)
