@@ -156,9 +156,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         "on which the server still holds that many calls (calls whose client gave up but "
         "that no handler has taken yet count too) has its new calls refused with UNAVAILABLE "
         "before any work, so one client's storm of short deadlines cannot fill the queue "
-        "ahead of other clients; 0: no limit",
+        "ahead of other clients; 0: no limit. Lower protects other clients better, but a "
+        "client that opens more calls at once on a new connection gets the excess refused",
         type=int,
-        default=100,
+        default=300,
         metavar="CALLS",
     )
     add_option(

@@ -36,7 +36,7 @@ class ServeConfig:
     decode_budget_mib: int = DECODE_BUDGET_MIB  # decoded pixels in flight per process
     decode_threads: int = 0  # per process; 0: one per CPU the process may use
     max_message_bytes: int = 64 * MiB
-    max_concurrent_streams: int = 100  # per HTTP/2 connection; 0: no limit (grpc's default)
+    max_concurrent_streams: int = 300  # per HTTP/2 connection; 0: no limit (grpc's default)
     max_pending_rpcs: int = 10_000  # calls grpc holds for the handlers; 0: grpc's (1-3k)
     drain_timeout_s: float = 30.0
     tls_cert: Path | None = None
