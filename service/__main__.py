@@ -150,6 +150,30 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_option(
         p,
+        "--max-concurrent-streams",
+        "most calls one client connection may have open at once (HTTP/2 "
+        "SETTINGS_MAX_CONCURRENT_STREAMS; clients queue the rest themselves); a connection "
+        "on which the server still holds that many calls (calls whose client gave up but "
+        "that no handler has taken yet count too) has its new calls refused with UNAVAILABLE "
+        "before any work, so one client's storm of short deadlines cannot fill the queue "
+        "ahead of other clients; 0: no limit. Lower protects other clients better, but a "
+        "client that opens more calls at once on a new connection gets the excess refused",
+        type=int,
+        default=300,
+        metavar="CALLS",
+    )
+    add_option(
+        p,
+        "--max-pending-rpcs",
+        "most calls, of all connections, that grpc holds for the handlers of one server "
+        "process; beyond it grpc refuses new calls itself, answering CANCELLED (its choice "
+        "of status); 0: grpc's default (refusing some from 1,000 on, all from 3,000)",
+        type=int,
+        default=10_000,
+        metavar="CALLS",
+    )
+    add_option(
+        p,
         "--drain-timeout-s",
         "on SIGTERM/SIGINT, seconds to let in-flight requests finish",
         type=float,

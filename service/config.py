@@ -36,6 +36,8 @@ class ServeConfig:
     decode_budget_mib: int = DECODE_BUDGET_MIB  # decoded pixels in flight per process
     decode_threads: int = 0  # per process; 0: one per CPU the process may use
     max_message_bytes: int = 64 * MiB
+    max_concurrent_streams: int = 300  # per HTTP/2 connection; 0: no limit (grpc's default)
+    max_pending_rpcs: int = 10_000  # calls grpc holds for the handlers; 0: grpc's (1-3k)
     drain_timeout_s: float = 30.0
     tls_cert: Path | None = None
     tls_key: Path | None = None
@@ -60,6 +62,11 @@ class ServeConfig:
             (self.decode_budget_mib >= 1, "--decode-budget-mib must be at least 1 (MiB)"),
             (0 <= self.decode_threads <= 1024, "--decode-threads must be 0-1024 (0: one per CPU)"),
             (self.max_message_bytes >= 1024, "--max-message-bytes must be at least 1024"),
+            (
+                self.max_concurrent_streams >= 0,
+                "--max-concurrent-streams must be >= 0 (0: no limit)",
+            ),
+            (self.max_pending_rpcs >= 0, "--max-pending-rpcs must be >= 0 (0: grpc's default)"),
             (self.drain_timeout_s >= 0, "--drain-timeout-s must be >= 0"),
             (
                 (self.tls_cert is None) == (self.tls_key is None),
@@ -119,6 +126,26 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, int]]:
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
+
+
+def server_options(config: ServeConfig) -> list[tuple[str, int]]:
+    """`channel_options` plus what only a server sets: how many streams one connection may hold
+    (grpc refuses more with REFUSED_STREAM, which clients see as UNAVAILABLE, before any of
+    our code runs; calls whose client has gone but that no handler has taken yet still count)
+    and how many calls grpc holds for the handlers in all before it refuses new ones itself
+    (with CANCELLED, see README "Short deadlines and overload")."""
+    options = channel_options(config.max_message_bytes)
+    if config.max_concurrent_streams:
+        options += [
+            ("grpc.max_concurrent_streams", config.max_concurrent_streams),
+            ("grpc.http2.max_concurrent_streams_overload_protection", 1),
+        ]
+    if config.max_pending_rpcs:
+        options += [
+            ("grpc.server.max_pending_requests", config.max_pending_rpcs),
+            ("grpc.server.max_pending_requests_hard_limit", config.max_pending_rpcs),
+        ]
+    return options
 
 
 ENGINES = ("local", "remote", "ray")

@@ -1,8 +1,10 @@
 """Prometheus metrics: one registry per server (no global state), served on --metrics-port.
 
-Every series carries `model` and `version` (but the process-wide bytes of images decoding);
-request counters add `api` (classifier.v1 or inference.v2) and `code` (the gRPC status name).
-Durations are histograms, so any quantile can be computed across replicas.
+Every series carries `model` and `version` (but the process-wide bytes of images decoding, and
+the two counters of RPCs no handler worked on, received and expired, which carry `api` and
+`method`: no model is known before a handler reads the request); request counters add `api`
+(classifier.v1 or inference.v2) and `code` (the gRPC status name). Durations are histograms, so
+any quantile can be computed across replicas.
 
 With front-end processes (`serve --frontends N`) every process writes its counters and
 histograms to prometheus_client's multiprocess files (the supervisor sets
@@ -78,6 +80,21 @@ class Metrics:
             "cnn_serving_images",
             "Images received in requests, by API and status code.",
             [*mv, "api", "code"],
+            registry=reg,
+        )
+        self.rpcs_received = Counter(
+            "cnn_serving_rpcs_received",
+            "RPCs grpc handed to the server, counted before any handler ran. Those never "
+            "answered (in cnn_serving_requests_total) were dropped by grpc because their "
+            "client had gone (its deadline passed or it cancelled) before a handler took them.",
+            ["api", "method"],
+            registry=reg,
+        )
+        self.rpcs_expired = Counter(
+            "cnn_serving_rpcs_expired",
+            "RPCs whose deadline had already passed when their handler started: answered "
+            "DEADLINE_EXCEEDED at once, without any work (also counted as answered).",
+            ["api", "method"],
             registry=reg,
         )
         self.request_duration = Histogram(

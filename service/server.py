@@ -21,12 +21,13 @@ from grpc_reflection.v1alpha import reflection
 
 from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
-from service.config import ServeConfig, channel_options
+from service.config import ServeConfig, server_options
 from service.core import SERVER, Core
 from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
 from service.repository import LIVENESS  # SERVING while the process answers
+from service.servicers import classifier, inference
 from service.servicers.calls import HOLD_S, Calls, refuse_malformed, wellformed_requests
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.inference import InferenceServicer
@@ -65,12 +66,17 @@ class TokenAuth(grpc.aio.ServerInterceptor):
 class WellFormed(grpc.aio.ServerInterceptor):
     """Requests that are not valid protobuf are answered INVALID_ARGUMENT, not gRPC's own
     UNKNOWN with a logged traceback: those of our own services reach their handler as
-    `Malformed` (a stream goes on), those of health and reflection are refused before theirs."""
+    `Malformed` (a stream goes on), those of health and reflection are refused before theirs.
+    Every call of our services is counted here (`cnn_serving_rpcs_received_total`), the first
+    code of ours it meets: grpc drops the calls whose client has gone before they reach a
+    handler, unanswered and otherwise unseen."""
 
-    def __init__(self, services: tuple[str, ...], max_fields: int) -> None:
-        self._prefixes = tuple(f"/{service}/" for service in services)
+    def __init__(self, apis: dict[str, str], max_fields: int, metrics: Metrics) -> None:
+        self._apis = {f"/{service}/": api for service, api in apis.items()}  # prefix -> api
+        self._prefixes = tuple(self._apis)
         self._max_fields = max_fields
-        self._handlers: dict[str, grpc.RpcMethodHandler] = {}
+        self._metrics = metrics
+        self._handlers: dict[str, tuple[grpc.RpcMethodHandler, Any]] = {}  # wrapped, counter
 
     async def intercept_service(
         self,
@@ -78,15 +84,22 @@ class WellFormed(grpc.aio.ServerInterceptor):
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
         method = details.method
-        wrapped = self._handlers.get(method)
-        if wrapped is None:
+        known = self._handlers.get(method)
+        if known is None:
             handler = await continuation(details)
             if handler is None:  # UNIMPLEMENTED, from gRPC
                 return handler
             ours = method.startswith(self._prefixes)
             guard = wellformed_requests if ours else refuse_malformed
-            wrapped = self._handlers[method] = guard(handler, method, self._max_fields)
-        return wrapped
+            received = None
+            if ours:
+                prefix, name = method.rsplit("/", 1)
+                received = self._metrics.rpcs_received.labels(self._apis[f"{prefix}/"], name)
+            wrapped = guard(handler, method, self._max_fields)
+            known = self._handlers[method] = (wrapped, received)
+        if known[1] is not None:
+            known[1].inc()
+        return known[0]
 
 
 def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
@@ -138,17 +151,22 @@ class Server:
         """Bind, load the repository (health NOT_SERVING until done), then report ready."""
         config = self.config
         token = config.auth_token()
-        ours = (
-            classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name,
-            grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name,
-        )
+        apis = {
+            classifier_pb2.DESCRIPTOR.services_by_name["Classifier"].full_name: classifier.API,
+            grpc_predict_v2_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name: (
+                inference.API
+            ),
+        }
+        ours = tuple(apis)
         # A request's fields, nested ones included: a Classify of --max-queue-size raw
         # tensors holds about 7 per image; a V2 request far fewer.
         max_fields = 8 * config.max_queue_size + 1024
-        interceptors: list[grpc.aio.ServerInterceptor] = [WellFormed(ours, max_fields)]
+        interceptors: list[grpc.aio.ServerInterceptor] = [
+            WellFormed(apis, max_fields, self.metrics)
+        ]
         if token:
             interceptors.insert(0, TokenAuth(token))
-        options = channel_options(config.max_message_bytes)
+        options = server_options(config)
         if self.frontend:  # every front end listens on the same port
             options = [(k, 1 if k == "grpc.so_reuseport" else v) for k, v in options]
         server = grpc.aio.server(interceptors=interceptors, options=options)

@@ -1,5 +1,6 @@
-"""What every RPC of both APIs goes through: refusal while draining, the error taxonomy turned
-into gRPC status codes, in-flight counting for a clean drain, and the request metrics.
+"""What every RPC of both APIs goes through: DEADLINE_EXCEEDED at once for a call whose deadline
+passed before its handler started, refusal while draining, the error taxonomy turned into gRPC
+status codes, in-flight counting for a clean drain, and the request metrics.
 
 A handler is `async def handler(self, request, context, call)`; it fills `call` (model, version,
 images) as it learns them, so metrics carry the resolved version even on errors.
@@ -30,6 +31,7 @@ Resp = TypeVar("Resp")
 STREAM_WINDOW = 16  # messages of one stream answered concurrently; answers stay in order
 DRAINING = "server is shutting down (draining); retry on another replica"
 HOLD_S = 2.0  # the longest a call refused while draining waits for gRPC to begin stopping
+EXPIRED = "deadline exceeded before the server started the call (it waited in grpc's queue)"
 
 
 class Malformed:
@@ -154,6 +156,7 @@ class Calls:
         self.closing = asyncio.Event()
         self._idle = asyncio.Event()
         self._idle.set()
+        self._expired: dict[tuple[str, str], Any] = {}  # (api, method) -> counter child
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no RPC is in flight; False when `timeout_s` passed first."""
@@ -161,6 +164,20 @@ class Calls:
             await asyncio.wait_for(self._idle.wait(), timeout_s)
         except TimeoutError:
             return False
+        return True
+
+    def expired(self, call: Call, context: grpc.aio.ServicerContext) -> bool:
+        """True when the call's deadline passed before its handler started (it waited in grpc's
+        queue behind others): counted, and recorded as answered DEADLINE_EXCEEDED."""
+        remaining = context.time_remaining()
+        if remaining is None or remaining > 0:
+            return False
+        counter = self._expired.get((call.api, call.method))
+        if counter is None:
+            counter = self.engine.metrics.rpcs_expired.labels(call.api, call.method)
+            self._expired[call.api, call.method] = counter
+        counter.inc()
+        self.record(call, grpc.StatusCode.DEADLINE_EXCEEDED)
         return True
 
     def enter(self) -> None:
@@ -238,6 +255,8 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
             calls: Calls = self.calls
             call = Call(api, handler.__name__, started=time.monotonic())
             code = grpc.StatusCode.OK
+            if calls.expired(call, context):  # no work for a caller that has given up
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, EXPIRED)
             if while_draining:
                 if isinstance(request, Malformed):
                     await context.abort(request.error.code, str(request.error))
@@ -285,6 +304,8 @@ def stream(api: str) -> Callable[..., Any]:
         ) -> AsyncIterator[Resp]:
             calls: Calls = self.calls
             call = Call(api, handler.__name__, started=time.monotonic())
+            if calls.expired(call, context):
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, EXPIRED)
             if calls.engine.draining:
                 await calls.refuse(context, Unavailable(DRAINING))
             try:

@@ -1,5 +1,6 @@
 """Reliability fixtures: the hypothesis profiles of the fuzz suite, and its server (one per
-module, in both modes: `frontends`) with the checks every fuzz example ends with.
+module, in both modes: `frontends`) with the checks every fuzz example ends with; one V2
+request of a real image (the deadline storm's).
 
 HYPOTHESIS_PROFILE chooses the profile: "ci" (the default, what `make test` runs: a bounded
 set of examples, the same on every run, no example database) or "long" (many more examples,
@@ -16,11 +17,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, settings
 
-from tests.conftest import Served, start_server
+from service._proto.inference import grpc_predict_v2_pb2 as v2
+from tests.conftest import MODEL, Served, start_server
 
 # Hypothesis keeps caches (no examples: database=None) in ./.hypothesis unless told otherwise:
 # nothing is written in the checkout.
@@ -87,3 +90,16 @@ def fuzzed(repository: Path, frontends: str) -> Iterator[Fuzzed]:
         code = served.stop()
     assert code == 0
     assert not problems(served.log.text)
+
+
+@pytest.fixture(scope="session")
+def infer_request(sample_images) -> v2.ModelInferRequest:
+    """One real Fashion-MNIST image as a V2 ModelInfer request, raw uint8 NHWC."""
+    x, _ = sample_images
+    pixels = np.ascontiguousarray(x[:1])  # (1, 28, 28, 1) uint8
+    tensor = v2.ModelInferRequest.InferInputTensor(
+        name="images", datatype="UINT8", shape=list(pixels.shape)
+    )
+    return v2.ModelInferRequest(
+        model_name=MODEL, inputs=[tensor], raw_input_contents=[pixels.tobytes()]
+    )
