@@ -20,8 +20,9 @@ pytestmark = pytest.mark.usefixtures("frontends")  # both server modes
 
 N = 40_000
 # A health check answers within 100 ms; on a shared 2-core machine the scheduler alone can
-# delay one now and then, so 1 % may take longer, but none a whole second (a stall blocks
-# one probe for as long as it lasts: 2.5 s for the first request here at 10,000 names).
+# delay one now and then, so 5 % may take longer (a stall per hostile call would be about 10 %),
+# but none a whole second (a stall blocks one probe for as long as it lasts: 2.5 s for the
+# first request here at 10,000 names).
 HEALTH_BOUND_S = 0.1
 STALL_S = 1.0
 CHANNELS = 4  # connections of each kind, so that with front ends some share a process
@@ -121,7 +122,7 @@ def test_hostile_requests_are_refused_and_health_keeps_answering(server: Served)
             channel.close()
     slow = [t for t in latencies if t >= HEALTH_BOUND_S]
     assert latencies and max(latencies) < STALL_S, sorted(latencies)[-5:]
-    assert len(slow) <= len(latencies) // 100, (len(latencies), sorted(latencies)[-5:])
+    assert len(slow) <= len(latencies) // 20, (len(latencies), sorted(latencies)[-5:])
 
 
 def test_a_request_of_too_many_fields_is_refused_unparsed(server: Served):
