@@ -173,13 +173,14 @@ class Metrics:
             _remove(self.requests, key)
             _remove(self.images, key)
             _remove(self.request_duration, key[:3])
-        for histogram in (
+        for metric in (
             self.queue_duration,
             self.decode_duration,
             self.inference_duration,
             self.batch_size,
+            self.decode_refused,
         ):
-            _remove(histogram, labels)
+            _remove(metric, labels)
 
     def add_live(self, collector: Collector) -> None:
         """A collector read at scrape time, from this process's own state."""

@@ -228,9 +228,9 @@ class Server:
         task.add_done_callback(self._tasks.discard)
 
     async def _set_health(self, name: str, status: int) -> None:
+        """A model's health, then the server's, which may follow from it."""
         await self.health.set(name, status)
-        if name != SERVER:
-            await self._server_health()
+        await self._server_health()
 
     async def _server_health(self) -> None:
         serving = self.engine.serving

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -223,6 +224,16 @@ def start_server(
         process.kill()
         raise
     return Served(process, port, metrics_port, log)
+
+
+def eventually(check, timeout_s: float = 10) -> bool:
+    """True once `check()` is (polled until `timeout_s`): for what crosses processes."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def scrape(served: Served) -> dict[str, list]:

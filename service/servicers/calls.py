@@ -50,6 +50,12 @@ def wellformed(request: object) -> None:
         raise request.error
 
 
+async def abort_malformed(request: object, context: grpc.aio.ServicerContext) -> None:
+    """Answer a `Malformed` request INVALID_ARGUMENT (abort raises); anything else passes."""
+    if isinstance(request, Malformed):
+        await context.abort(request.error.code, str(request.error))
+
+
 def wellformed_requests(
     handler: grpc.RpcMethodHandler, method: str, max_fields: int
 ) -> grpc.RpcMethodHandler:
@@ -94,8 +100,7 @@ def refuse_malformed(
 
         async def checked(requests: AsyncIterator[object], context: Any) -> AsyncIterator[Any]:
             async for request in requests:
-                if isinstance(request, Malformed):
-                    await context.abort(request.error.code, str(request.error))
+                await abort_malformed(request, context)
                 yield request
 
         if handler.response_streaming:
@@ -115,16 +120,14 @@ def refuse_malformed(
     if inspect.isasyncgenfunction(behavior):
 
         async def guarded_gen(request: object, context: Any) -> AsyncIterator[Any]:
-            if isinstance(request, Malformed):
-                await context.abort(request.error.code, str(request.error))
+            await abort_malformed(request, context)
             async for response in behavior(request, context):
                 yield response
 
         return handler._replace(**{field: guarded_gen})  # type: ignore[attr-defined]
 
     async def guarded(request: object, context: Any) -> Any:
-        if isinstance(request, Malformed):
-            await context.abort(request.error.code, str(request.error))
+        await abort_malformed(request, context)
         return await behavior(request, context)
 
     return handler._replace(**{field: guarded})  # type: ignore[attr-defined]
@@ -258,8 +261,7 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
             if calls.expired(call, context):  # no work for a caller that has given up
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, EXPIRED)
             if while_draining:
-                if isinstance(request, Malformed):
-                    await context.abort(request.error.code, str(request.error))
+                await abort_malformed(request, context)
                 return await handler(self, request, context, call)
             try:
                 calls.enter()

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from service.client import Client
-from tests.conftest import MODEL, Served, scrape, start_server
+from tests.conftest import MODEL, Served, eventually, scrape, start_server
 
 pytestmark = pytest.mark.usefixtures("frontends")  # both server modes
 
@@ -57,9 +57,8 @@ def roll_out(repo: Path, served: Served, version: int) -> None:
     shutil.rmtree(repo / MODEL / str(version - 1))
     served.log.wait_for(rf"unloaded model 'fashion' version {version - 1} ", 60)
     with Client(served.target) as client:
-        deadline_checks = 0
-        while client.list_models() != {MODEL: [version]} and deadline_checks < 1000:
-            deadline_checks += 1  # front ends hear of it a moment after the engine's log line
+        # front ends hear of it a moment after the engine's log line
+        assert eventually(lambda: client.list_models() == {MODEL: [version]})
         answer = client.classify([np.zeros((28, 28, 1), np.uint8)] * 8, MODEL)
     assert all(p.ok and p.version == version for p in answer)
 

@@ -20,7 +20,7 @@ from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service._proto.inference import grpc_predict_v2_pb2 as v2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import Client, ClientError
-from tests.conftest import MODEL, Served, png, reference, scrape, start_server
+from tests.conftest import MODEL, Served, eventually, png, reference, scrape, start_server
 from tests.service.test_images import bomb_png
 
 pytestmark = pytest.mark.usefixtures("frontends")  # both server modes
@@ -377,16 +377,6 @@ def test_queue_overflow_is_resource_exhausted(repository: Path, sample_images):
         assert "65 images in one request; at most 64 (--max-queue-size)" in caught.value.message
     finally:
         assert served.stop() == 0
-
-
-def eventually(check, timeout_s: float = 10) -> bool:
-    """True once `check()` is (polled until `timeout_s`): for what crosses processes."""
-    deadline = time.monotonic() + timeout_s
-    while not check():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_hot_reload_of_a_new_version(private_repo: Path, sample_images):
