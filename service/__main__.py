@@ -36,8 +36,8 @@ CHUNK = 64  # images per Classify request sent by the CLI
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "serve",
-        help="run the gRPC server",
-        description="Serve every model in a repository over gRPC (the Open "
+        help="run the gRPC and HTTP server",
+        description="Serve every model in a repository over gRPC and HTTP (the Open "
         "Inference Protocol and classifier.v1), with /metrics for Prometheus.",
     )
     add_option(
@@ -48,7 +48,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         metavar="DIR",
         required="CNN_SERVING_REPOSITORY" not in os.environ,
     )
-    add_option(p, "--host", "address to bind both ports on", default="0.0.0.0")
+    add_option(p, "--host", "address to bind every port on", default="0.0.0.0")
     add_option(
         p,
         "--frontends",
@@ -68,6 +68,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default=16,
     )
     add_option(p, "--grpc-port", "gRPC port; 0 picks a free one (logged)", type=int, default=8001)
+    add_option(
+        p,
+        "--http-port",
+        "HTTP port (the V2 REST API, /v1 classify, /docs), served beside gRPC by the same "
+        "processes; 0 picks a free one (logged), -1 turns HTTP off",
+        type=int,
+        default=8000,
+    )
     add_option(
         p,
         "--metrics-port",
@@ -176,6 +184,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         p,
         "--drain-timeout-s",
         "on SIGTERM/SIGINT, seconds to let in-flight requests finish",
+        type=float,
+        default=30.0,
+    )
+    add_option(
+        p,
+        "--http-body-timeout-s",
+        "longest an HTTP request body may take to arrive, in seconds; a slower one is "
+        "answered 408 (a client trickling bytes cannot hold a request open)",
         type=float,
         default=30.0,
     )

@@ -25,6 +25,7 @@ class ServeConfig:
     repository: Path
     host: str = "0.0.0.0"
     grpc_port: int = 8001
+    http_port: int = 8000  # -1: no HTTP
     metrics_port: int = 8002  # -1: no metrics endpoint
     device: str = "auto"
     max_batch_size: int = 64
@@ -39,6 +40,7 @@ class ServeConfig:
     max_concurrent_streams: int = 300  # per HTTP/2 connection; 0: no limit (grpc's default)
     max_pending_rpcs: int = 10_000  # calls grpc holds for the handlers; 0: grpc's (1-3k)
     drain_timeout_s: float = 30.0
+    http_body_timeout_s: float = 30.0  # longest an HTTP request body may take to arrive
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token_file: Path | None = None
@@ -52,6 +54,7 @@ class ServeConfig:
             (0 <= self.frontends <= 256, "--frontends must be 0-256 (0: a single process)"),
             (self.frontend_shm_mib >= 1, "--frontend-shm-mib must be at least 1"),
             (0 <= self.grpc_port <= 65535, "--grpc-port must be 0-65535 (0: pick a free port)"),
+            (-1 <= self.http_port <= 65535, "--http-port must be -1 (off) or 0-65535"),
             (-1 <= self.metrics_port <= 65535, "--metrics-port must be -1 (off) or 0-65535"),
             (self.max_batch_size >= 1, "--max-batch-size must be at least 1"),
             (self.max_queue_delay_ms >= 0, "--max-queue-delay-ms must be >= 0"),
@@ -68,6 +71,7 @@ class ServeConfig:
             ),
             (self.max_pending_rpcs >= 0, "--max-pending-rpcs must be >= 0 (0: grpc's default)"),
             (self.drain_timeout_s >= 0, "--drain-timeout-s must be >= 0"),
+            (self.http_body_timeout_s > 0, "--http-body-timeout-s must be > 0"),
             (
                 (self.tls_cert is None) == (self.tls_key is None),
                 "--tls-cert and --tls-key go together",

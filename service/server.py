@@ -1,4 +1,5 @@
-"""The gRPC server: both APIs, health, reflection, metrics, auth, TLS and a clean drain.
+"""The server: both gRPC APIs, health, reflection, the HTTP app (service.rest) beside them in the
+same event loop, metrics, auth, TLS and a clean drain.
 
     python -m service serve --repository models        (see `python -m service serve --help`)
 
@@ -27,8 +28,15 @@ from service.engine import Engine
 from service.errors import ConfigError, Unauthenticated
 from service.metrics import Metrics
 from service.repository import LIVENESS  # SERVING while the process answers
+from service.rest.app import HttpServer, build_app, listen
 from service.servicers import classifier, inference
-from service.servicers.calls import HOLD_S, Calls, refuse_malformed, wellformed_requests
+from service.servicers.calls import (
+    GRPC_STATUS,
+    HOLD_S,
+    Calls,
+    refuse_malformed,
+    wellformed_requests,
+)
 from service.servicers.classifier import ClassifierServicer
 from service.servicers.inference import InferenceServicer
 
@@ -108,10 +116,10 @@ def _refuse(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
     )
 
     async def deny(request: Any, context: grpc.aio.ServicerContext) -> None:
-        await context.abort(error.code, str(error))
+        await context.abort(GRPC_STATUS[error.code], str(error))
 
     async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
-        await context.abort(error.code, str(error))
+        await context.abort(GRPC_STATUS[error.code], str(error))
         yield  # pragma: no cover - makes this an async generator
 
     if handler is None:
@@ -141,7 +149,9 @@ class Server:
         self.calls = Calls(self.engine)
         self.health = health.aio.HealthServicer()
         self.grpc_port = 0
+        self.http_port = -1
         self.metrics_port = -1
+        self._http: HttpServer | None = None
         self._server: grpc.aio.Server | None = None
         self._stopped = asyncio.Event()
         self._serving: bool | None = None  # the readiness last reported, to log changes
@@ -192,6 +202,11 @@ class Server:
                 self.grpc_port = server.add_insecure_port(address)
         except RuntimeError as exc:
             raise ConfigError(f"cannot listen on {address} (gRPC): {exc}") from exc
+        http_socket = None
+        if config.http_port >= 0:  # bound before loading, so that a taken port fails at once
+            http_socket = listen(config.host, config.http_port, shared=bool(self.frontend))
+            self.http_port = http_socket.getsockname()[1]
+            self._http = HttpServer(build_app(self.calls, config), config)
         await self.health.set(SERVER, NOT_SERVING)
         self.engine.on_model_change(self._model_health)
         if config.metrics_port >= 0:
@@ -199,6 +214,8 @@ class Server:
         if self.frontend:  # know what is loaded before taking a share of the connections
             await self.engine.start()
         await server.start()
+        if self._http is not None and http_socket is not None:
+            await self._http.start(http_socket)
         if not self.frontend:
             log.info(
                 "gRPC listening on %s:%d%s; metrics on :%d/metrics",
@@ -207,6 +224,7 @@ class Server:
                 " (TLS)" if tls else "",
                 self.metrics_port,
             )
+            self._log_http()
             await self.engine.start()
         await self.health.set(LIVENESS, SERVING)
         # a front end's engine may have gone again already (its listener said NOT_SERVING)
@@ -242,6 +260,18 @@ class Server:
                 log.warning("no model is ready: health %r NOT_SERVING until one is", SERVER)
         self._serving = serving
         await self.health.set(SERVER, SERVING if serving else NOT_SERVING)
+
+    def _log_http(self) -> None:
+        if self.http_port < 0:
+            log.info("HTTP off (--http-port -1)")
+            return
+        scheme = "https" if self.config.tls_cert else "http"
+        log.info(
+            "HTTP listening on %s://%s:%d (V2 REST, /v1 classify, /docs)",
+            scheme,
+            self.config.host,
+            self.http_port,
+        )
 
     def _log_ready(self) -> None:
         served = []
@@ -281,6 +311,8 @@ class Server:
         # once none came for QUIET_S, gRPC stops (listener closed, GOAWAY sent) and only then
         # are they answered UNAVAILABLE.
         await self.calls.wait_quiet(QUIET_S, min(MAX_LINGER_S, self.config.drain_timeout_s))
+        if self._http is not None:  # closes the listener and idle connections
+            await self._http.stop()
         if self._server is not None:
             stopping = asyncio.ensure_future(self._server.stop(grace=HOLD_S + 1.0))
             # stop() begins at once (listener closed, GOAWAY on every connection); the held

@@ -3,7 +3,8 @@
 It is the only place that starts, watches and stops processes:
 1. one engine process (`service.engine.host`): sessions, batch queues, the repository poller
    and the one /metrics; the supervisor waits until it has loaded the repository;
-2. N front-end processes (`service.frontend.process`) sharing the gRPC port (SO_REUSEPORT);
+2. N front-end processes (`service.frontend.process`) sharing the gRPC and HTTP ports
+   (SO_REUSEPORT);
 3. then it logs `ready`. A front end that dies is restarted (only its own in-flight requests
    fail); an engine that dies is restarted and reloads the models, while every front end answers
    UNAVAILABLE and health NOT_SERVING until it is back. A process that keeps dying right after
@@ -11,9 +12,9 @@ It is the only place that starts, watches and stops processes:
 4. SIGTERM or SIGINT: the front ends drain first (in-flight requests finish), then the engine
    stops; every shared-memory segment is removed; exit 0.
 
-The gRPC port is held by a bound (never listening) SO_REUSEPORT socket for the supervisor's
-life, after checking that nothing else listens there, so port 0 resolves once and a restarted
-front end gets the same port.
+The gRPC and HTTP ports are held by bound (never listening) SO_REUSEPORT sockets for the
+supervisor's life, after checking that nothing else listens there, so port 0 resolves once and
+a restarted front end gets the same port.
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ class Supervisor:
         self._metrics_dir = self._dir / "metrics"
         self._metrics_dir.mkdir()
         self._socket = self._dir / "engine.sock"
-        self._guard: socket.socket | None = None
+        self._guards: list[socket.socket] = []
         self._children: list[Child] = []
         self._stopping = False  # no more restarts
         self._stopped = False
@@ -86,15 +87,16 @@ class Supervisor:
         # again, and its killed predecessor's segments carry this very prefix.
         shm.reclaim(self.prefix)
         config = self.config
-        port = self._hold_grpc_port()
+        port = self._hold_port(config.grpc_port, "gRPC")
+        http_port = -1 if config.http_port < 0 else self._hold_port(config.http_port, "HTTP")
         metrics_port = config.metrics_port
         if metrics_port >= 0:
             metrics_port = _free_port(config.host, metrics_port, "metrics")
-        engine_config = replace(config, metrics_port=metrics_port)
+        engine_config = replace(config, metrics_port=metrics_port, http_port=-1)
         engine = Child("engine", self._command("service.engine.host", engine_config))
         self._children.append(engine)
         await self._spawn(engine)
-        frontend_config = replace(config, grpc_port=port, metrics_port=-1)
+        frontend_config = replace(config, grpc_port=port, http_port=http_port, metrics_port=-1)
         for index in range(1, config.frontends + 1):
             command = self._command("service.frontend.process", frontend_config)
             self._children.append(Child(f"frontend-{index}", [*command, "--index", str(index)]))
@@ -106,6 +108,13 @@ class Supervisor:
             " (TLS)" if config.tls_cert else "",
             engine.info.get("metrics_port", -1),
         )
+        if http_port >= 0:
+            log.info(
+                "HTTP listening on %s://%s:%d (V2 REST, /v1 classify, /docs)",
+                "https" if config.tls_cert else "http",
+                config.host,
+                http_port,
+            )
         served = "; ".join(engine.info.get("models", [])) or "nothing"
         log.info(
             "ready: serving %s on port %d (%d front ends, engine pid %d)",
@@ -115,9 +124,11 @@ class Supervisor:
             engine.pid,
         )
 
-    def _hold_grpc_port(self) -> int:
+    def _hold_port(self, wanted: int, what: str) -> int:
+        """Resolve `wanted` (0: a free port) and hold it with a bound, never listening
+        SO_REUSEPORT socket, so that every front end (and a restarted one) gets the same port."""
         config = self.config
-        port = _free_port(config.host, config.grpc_port, "gRPC")
+        port = _free_port(config.host, wanted, what)
         guard = socket.socket(_family(config.host), socket.SOCK_STREAM)
         guard.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
@@ -125,9 +136,9 @@ class Supervisor:
         except OSError as exc:  # e.g. connections of a previous server still in TIME_WAIT
             guard.close()
             raise ConfigError(
-                f"cannot listen on {config.host}:{port} (gRPC): {exc.strerror}"
+                f"cannot listen on {config.host}:{port} ({what}): {exc.strerror}"
             ) from exc
-        self._guard = guard
+        self._guards.append(guard)
         return port
 
     def _command(self, module: str, config: ServeConfig) -> list[str]:
@@ -230,8 +241,9 @@ class Supervisor:
         for child in self._children:
             if child.link is not None:
                 child.link.close()
-        if self._guard is not None:
-            self._guard.close()
+        for guard in self._guards:
+            guard.close()
+        self._guards.clear()
         shm.reclaim(self.prefix)
         shutil.rmtree(self._dir, ignore_errors=True)
         log.info("stopped")

@@ -21,7 +21,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from service.core import Core, Model
-from service.errors import InvalidInput, ServingError, Unavailable, shorten
+from service.errors import Code, InvalidInput, ServingError, Unavailable, shorten
 from service.servicers import wire
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,8 @@ STREAM_WINDOW = 16  # messages of one stream answered concurrently; answers stay
 DRAINING = "server is shutting down (draining); retry on another replica"
 HOLD_S = 2.0  # the longest a call refused while draining waits for gRPC to begin stopping
 EXPIRED = "deadline exceeded before the server started the call (it waited in grpc's queue)"
+# The error taxonomy's codes as gRPC statuses: the one table of this transport.
+GRPC_STATUS: dict[Code, grpc.StatusCode] = {code: grpc.StatusCode[code.name] for code in Code}
 
 
 class Malformed:
@@ -53,7 +55,7 @@ def wellformed(request: object) -> None:
 async def abort_malformed(request: object, context: grpc.aio.ServicerContext) -> None:
     """Answer a `Malformed` request INVALID_ARGUMENT (abort raises); anything else passes."""
     if isinstance(request, Malformed):
-        await context.abort(request.error.code, str(request.error))
+        await context.abort(GRPC_STATUS[request.error.code], str(request.error))
 
 
 def wellformed_requests(
@@ -180,7 +182,7 @@ class Calls:
             counter = self.engine.metrics.rpcs_expired.labels(call.api, call.method)
             self._expired[call.api, call.method] = counter
         counter.inc()
-        self.record(call, grpc.StatusCode.DEADLINE_EXCEEDED)
+        self.record(call, Code.DEADLINE_EXCEEDED)
         return True
 
     def enter(self) -> None:
@@ -211,14 +213,14 @@ class Calls:
                 await asyncio.wait_for(self.closing.wait(), hold_s)
             except TimeoutError:
                 pass
-        await context.abort(error.code, str(error))
+        await context.abort(GRPC_STATUS[error.code], str(error))
 
     def leave(self) -> None:
         self.in_flight -= 1
         if self.in_flight == 0:
             self._idle.set()
 
-    def record(self, call: Call, code: grpc.StatusCode) -> None:
+    def record(self, call: Call, code: Code) -> None:
         elapsed = time.monotonic() - call.started
         series = self.engine.metrics.request_series((call.model, call.version, call.api, code.name))
         series[0].inc()
@@ -226,26 +228,26 @@ class Calls:
             series[1].inc(call.images)
         series[2].observe(elapsed)
         if call.images and call.target is not None:
-            self.engine.record_request(call.target, code == grpc.StatusCode.OK, elapsed)
+            self.engine.record_request(call.target, code == Code.OK, elapsed)
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, call: Call) -> None:
     """Answer an exception with its status code; never leak an internal error's text."""
     if isinstance(exc, ServingError):
-        await context.abort(exc.code, str(exc))
+        await context.abort(GRPC_STATUS[exc.code], str(exc))
     log.error("%s failed", call.method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL, f"{call.method}: internal error (see server log)")
 
 
-def status(exc: BaseException, context: grpc.aio.ServicerContext) -> grpc.StatusCode:
-    """The status an exception stands for (a cancelled call: DEADLINE_EXCEEDED or CANCELLED)."""
+def status(exc: BaseException, context: grpc.aio.ServicerContext) -> Code:
+    """The code an exception stands for (a cancelled call: DEADLINE_EXCEEDED or CANCELLED)."""
     if isinstance(exc, ServingError):
         return exc.code
     if isinstance(exc, asyncio.CancelledError):
         remaining = context.time_remaining()
         expired = remaining is not None and remaining <= 0
-        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.INTERNAL
+        return Code.DEADLINE_EXCEEDED if expired else Code.CANCELLED
+    return Code.INTERNAL
 
 
 def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
@@ -257,7 +259,7 @@ def unary(api: str, while_draining: bool = False) -> Callable[..., Any]:
         async def method(self: Any, request: Req, context: grpc.aio.ServicerContext) -> Resp:
             calls: Calls = self.calls
             call = Call(api, handler.__name__, started=time.monotonic())
-            code = grpc.StatusCode.OK
+            code = Code.OK
             if calls.expired(call, context):  # no work for a caller that has given up
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, EXPIRED)
             if while_draining:
@@ -364,7 +366,7 @@ async def one_message(
     malformed `request` too) becomes the message's own error answer (`failed`), so the stream
     goes on; only a drain (UNAVAILABLE from `enter`) ends the stream."""
     calls.enter()
-    code = grpc.StatusCode.OK
+    code = Code.OK
     try:
         wellformed(request)
         return await handle(call)

@@ -4,20 +4,20 @@ ModelConfig and ModelStatistics, so tritonclient, perf_analyzer and KServe clien
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from importlib import metadata
 
-import grpc
 import numpy as np
 
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service._proto.inference import grpc_predict_v2_pb2_grpc as pb_grpc
-from service.core import Model, Stats
+from service.core import Core, Model, Stats
 from service.errors import InvalidInput, ServingError, shorten
 from service.servicers import v2_codec
 from service.servicers.calls import Call, Calls, deadline, one_message, ordered, stream, unary
 
 API = "inference.v2"
-EXTENSIONS = ["model_configuration", "statistics"]
+EXTENSIONS = ["classification", "model_configuration", "statistics"]
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -26,10 +26,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         self.engine = calls.engine
 
     def _model(self, name: str, version: str, call: Call) -> Model:
-        # Labels only once resolved: a client must not grow the metrics with made-up names.
-        model = self.engine.model(name, v2_codec.parse_version(name, version))
-        call.set_model(name, model.spec.version, model)
-        return model
+        return resolve(self.engine, name, version, call)
 
     @unary(API, while_draining=True)
     async def ServerLive(self, request, context, call):  # type: ignore[no-untyped-def]
@@ -69,33 +66,12 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     @unary(API)
     async def ModelStatistics(self, request, context, call):  # type: ignore[no-untyped-def]
-        if request.version and not request.name:
-            raise InvalidInput(
-                f"statistics of version {shorten(request.version)!r} of which model? "
-                "(a version needs a model name)"
-            )
-        if request.name:
-            if request.version:
-                models = [self._model(request.name, request.version, call)]
-            else:
-                self.engine.model(request.name)  # NOT_FOUND for an unknown name
-                models = [
-                    self.engine.model(request.name, v) for v in self.engine.versions(request.name)
-                ]
-        else:
-            models = [
-                self.engine.model(n, v)
-                for n in self.engine.names()
-                for v in self.engine.versions(n)
-            ]
-        stats = await self.engine.statistics(models)
-        return pb.ModelStatisticsResponse(
-            model_stats=[_statistics(m, s) for m, s in zip(models, stats, strict=True)]
-        )
+        models = stats_models(self.engine, request.name, request.version, call)
+        return statistics(models, await self.engine.statistics(models))
 
     @unary(API)
     async def ModelInfer(self, request, context, call):  # type: ignore[no-untyped-def]
-        return await self._infer(request, context, call)
+        return await infer(self.engine, request, call, deadline(context))
 
     @stream(API)
     async def ModelStreamInfer(self, requests, context):  # type: ignore[no-untyped-def]
@@ -112,36 +88,67 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
                     infer_response=pb.ModelInferResponse(id=getattr(request, "id", "")),
                 )
 
-            async def infer(call: Call) -> pb.ModelStreamInferResponse:
-                response = await self._infer(request, context, call)
+            async def respond(call: Call) -> pb.ModelStreamInferResponse:
+                response = await infer(self.engine, request, call, deadline(context))
                 if _flag(request, "triton_enable_empty_final_response"):
                     # Every answer here is its request's only one, so it is also its final one.
                     response.parameters["triton_final_response"].bool_param = True
                 return pb.ModelStreamInferResponse(infer_response=response)
 
-            return await one_message(self.calls, call, context, request, infer, failed)
+            return await one_message(self.calls, call, context, request, respond, failed)
 
         async for response in ordered(requests, answer):
             yield response
 
-    async def _infer(
-        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, call: Call
-    ) -> pb.ModelInferResponse:
-        model = self._model(request.model_name, request.model_version, call)
-        names = v2_codec.requested_outputs(request, model.spec)
-        tensor, raw = v2_codec.image_tensor(request, model.spec)
-        if tensor.shape:  # before converting any data
-            self.engine.check_count(model, tensor.shape[0])
-        images = v2_codec.decode_input(tensor, raw, model.spec)
-        call.images = len(images)
-        if isinstance(images, list):  # encoded files: all must decode (V2 has no per-image error)
-            decoded = await self.engine.decode(model, images)
-            for item in decoded:
-                if isinstance(item, ServingError):  # the first bad image fails the request
-                    raise item
-            images = np.stack(decoded)  # type: ignore[arg-type]
-        outputs = await self.engine.infer(model, images, deadline(context))
-        return v2_codec.encode_response(request, model.spec, names, outputs)
+
+def resolve(engine: Core, name: str, version: str, call: Call) -> Model:
+    """The version a V2 request names ("" : the newest), set on `call` for the metrics."""
+    # Labels only once resolved: a client must not grow the metrics with made-up names.
+    model = engine.model(name, v2_codec.parse_version(name, version))
+    call.set_model(name, model.spec.version, model)
+    return model
+
+
+async def infer(
+    engine: Core, request: pb.ModelInferRequest, call: Call, deadline: float | None
+) -> pb.ModelInferResponse:
+    """A V2 inference request, over gRPC or HTTP (service.rest builds the same message)."""
+    model = resolve(engine, request.model_name, request.model_version, call)
+    requested = v2_codec.requested_outputs(request, model.spec)
+    tensor, raw = v2_codec.image_tensor(request, model.spec)
+    if tensor.shape:  # before converting any data
+        engine.check_count(model, tensor.shape[0])
+    images = v2_codec.decode_input(tensor, raw, model.spec)
+    call.images = len(images)
+    if isinstance(images, list):  # encoded files: all must decode (V2 has no per-image error)
+        decoded = await engine.decode(model, images)
+        for item in decoded:
+            if isinstance(item, ServingError):  # the first bad image fails the request
+                raise item
+        images = np.stack(decoded)  # type: ignore[arg-type]
+    outputs = await engine.infer(model, images, deadline)
+    return v2_codec.encode_response(request, model.spec, requested, outputs)
+
+
+def statistics(models: Sequence[Model], stats: Sequence[Stats]) -> pb.ModelStatisticsResponse:
+    return pb.ModelStatisticsResponse(
+        model_stats=[_statistics(m, s) for m, s in zip(models, stats, strict=True)]
+    )
+
+
+def stats_models(engine: Core, name: str, version: str, call: Call) -> list[Model]:
+    """The versions a ModelStatistics request covers: one, every one of a model, or all."""
+    if version and not name:
+        raise InvalidInput(
+            f"statistics of version {shorten(version)!r} of which model? "
+            "(a version needs a model name)"
+        )
+    if not name:
+        return [engine.model(n, v) for n in engine.names() for v in engine.versions(n)]
+    if version:
+        return [resolve(engine, name, version, call)]
+    engine.model(name)  # NOT_FOUND for an unknown name
+    return [engine.model(name, v) for v in engine.versions(name)]
 
 
 def _flag(request: pb.ModelInferRequest, name: str) -> bool:

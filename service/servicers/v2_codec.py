@@ -10,6 +10,8 @@ from __future__ import annotations
 import math
 import struct
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -138,14 +140,14 @@ def _bytes_input(
         raise InvalidInput(f"{where}: BYTES input shape must be [N] or [N, 1], got {_shape(shape)}")
     count = shape[0]
     if raw is not None:
-        return _unpack_bytes(raw, count, where)
+        return unpack_bytes(raw, count, where)
     items = tensor.contents.bytes_contents
     if len(items) != count:
         raise InvalidInput(f"{where}: BYTES shape {_shape(shape)} but {len(items):,} elements sent")
     return list(items)
 
 
-def _unpack_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
+def unpack_bytes(raw: bytes, count: int, where: str) -> list[bytes]:
     """V2 raw BYTES: each element is a 4-byte little-endian length, then that many bytes.
     Reads at most `count` elements, so a buffer of a million empty ones costs nothing."""
     items: list[bytes] = []
@@ -173,9 +175,26 @@ def pack_bytes(items: list[bytes]) -> bytes:
     return b"".join(struct.pack("<I", len(item)) + item for item in items)
 
 
-def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[str]:
+@dataclass(frozen=True)
+class Requested:
+    """An output a request asks for."""
+
+    name: str
+    # Triton's classification extension: the top `classes` scores of each image as BYTES
+    # "score:index:label" strings, best first; 0: the whole FP32 tensor.
+    classes: int = 0
+    binary: bool = True  # HTTP only: raw bytes after the JSON (Triton's binary_data), or JSON
+
+
+EVERY_OUTPUT = tuple(Requested(name) for name in OUTPUT_NAMES)
+# Output parameters we read: the classification extension's, and the HTTP binary extension's
+# (which a gRPC request may carry and which means nothing there).
+OUTPUT_PARAMETERS = ("classification", "binary_data")
+
+
+def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[Requested]:
     if not request.outputs:  # the common case: every output
-        return list(OUTPUT_NAMES)
+        return list(EVERY_OUTPUT)
     where = f"model {spec.name!r} version {spec.version}"
     if len(request.outputs) > len(OUTPUT_NAMES):  # before looking at any of them
         raise InvalidInput(
@@ -185,32 +204,84 @@ def requested_outputs(request: pb.ModelInferRequest, spec: ModelSpec) -> list[st
     names = [output.name for output in request.outputs]
     if len(set(names)) != len(names):
         raise InvalidInput(f"{where}: output {shorten(names[0])!r} is requested twice")
-    if any(output.parameters for output in request.outputs):
-        raise InvalidInput(
-            f"{where}: output parameters (e.g. class_count) are not supported; "
-            "every output comes whole"
-        )
     unknown = [name for name in names if name not in OUTPUT_NAMES]
     if unknown:
         raise InvalidInput(
             f"{where}: unknown output "
             f"{shorten(unknown[0])!r}; outputs are {', '.join(OUTPUT_NAMES)}"
         )
-    return names
+    return [_requested(output, spec, where) for output in request.outputs]
+
+
+def _requested(
+    output: pb.ModelInferRequest.InferRequestedOutputTensor, spec: ModelSpec, where: str
+) -> Requested:
+    parameters = output.parameters
+    for key in parameters:
+        if key not in OUTPUT_PARAMETERS:
+            raise InvalidInput(
+                f"{where}: output {output.name!r}: parameter {shorten(key)!r} is not supported "
+                f"(supported: {', '.join(OUTPUT_PARAMETERS)})"
+            )
+    binary = True
+    if "binary_data" in parameters:
+        binary = _parameter(parameters["binary_data"], bool, f"{where}: output {output.name!r}")
+    classes = 0
+    if "classification" in parameters:
+        what = f"{where}: output {output.name!r}"
+        classes = _parameter(parameters["classification"], int, what)
+        if output.name != "probabilities":
+            raise InvalidInput(
+                f"{what}: classification applies to 'probabilities' (the class scores)"
+            )
+        if classes < 1:
+            raise InvalidInput(f"{what}: classification must be a positive count, got {classes}")
+        classes = min(classes, len(spec.labels))  # Triton's answer too: every class, ranked
+    return Requested(output.name, classes, binary)
+
+
+def _parameter(value: pb.InferParameter, kind: type, where: str) -> Any:
+    """A parameter of the expected kind (bool or int) from Triton's InferParameter."""
+    choice = value.WhichOneof("parameter_choice")
+    if kind is bool and choice == "bool_param":
+        return value.bool_param
+    if kind is int and choice in ("int64_param", "uint64_param"):
+        return int(getattr(value, choice))
+    raise InvalidInput(f"{where}: expected a {kind.__name__} parameter, got {choice or 'none'}")
+
+
+def classification(scores: np.ndarray, labels: tuple[str, ...], classes: int) -> list[bytes]:
+    """(N, K) scores -> N * `classes` BYTES elements "score:index:label", each image's best
+    first (ties: the lower index), row by row: Triton's classification extension."""
+    order = np.argsort(-scores, axis=1, kind="stable")[:, :classes]
+    return [
+        f"{scores[row, index]:f}:{index}:{labels[index]}".encode()
+        for row in range(len(scores))
+        for index in order[row].tolist()
+    ]
 
 
 def encode_response(
     request: pb.ModelInferRequest,
     spec: ModelSpec,
-    names: list[str],
+    requested: list[Requested],
     outputs: dict[str, np.ndarray],
 ) -> pb.ModelInferResponse:
     response = pb.ModelInferResponse(
         model_name=spec.name, model_version=str(spec.version), id=request.id
     )
-    for name in names:
-        value = np.ascontiguousarray(outputs[name], dtype="<f4")
-        response.outputs.add(name=name, datatype="FP32", shape=value.shape)
+    for output in requested:
+        if output.classes:
+            scores = outputs[output.name]
+            response.outputs.add(
+                name=output.name, datatype="BYTES", shape=(len(scores), output.classes)
+            )
+            response.raw_output_contents.append(
+                pack_bytes(classification(scores, spec.labels, output.classes))
+            )
+            continue
+        value = np.ascontiguousarray(outputs[output.name], dtype="<f4")
+        response.outputs.add(name=output.name, datatype="FP32", shape=value.shape)
         response.raw_output_contents.append(value.tobytes())
     return response
 

@@ -18,7 +18,7 @@ from PIL import Image
 from service._proto.inference import grpc_predict_v2_pb2 as v2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
 from service.client import Client
-from service.errors import DecodeBudgetExceeded, InvalidInput
+from service.errors import Code, DecodeBudgetExceeded, InvalidInput
 from service.images import decode
 from service.memory import TRIM_AFTER_BYTES, TRIM_INTERVAL_S, DecodeBudget, MiB
 from service.servicers.v2_codec import pack_bytes
@@ -46,7 +46,7 @@ def test_a_reservation_that_does_not_fit_is_refused_and_every_one_is_released():
             pass
         assert budget.in_flight == 6 * MiB
     message = str(caught.value)
-    assert caught.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert caught.value.code == Code.RESOURCE_EXHAUSTED
     assert message == (
         "image B needs about 5 MiB to decode and 6 MiB of the --decode-budget-mib 10 are held "
         "by images decoding now: retry later"

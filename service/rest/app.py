@@ -1,0 +1,135 @@
+"""The HTTP front door: one ASGI app (FastAPI) over the same core as the gRPC servicers, served by
+uvicorn beside gRPC in every process that serves gRPC (`serve --http-port`).
+
+- `/v2/...`: the Open Inference Protocol (KServe V2 REST) with Triton's extensions (rest/v2.py)
+- `/v1/...`: classifier.v1 for people and curl (rest/v1.py)
+- `/docs` (Swagger UI, vendored under rest/static, no CDN) and `/openapi.json`
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+import socket
+from importlib import metadata
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+from fastapi.openapi.docs import get_swagger_ui_html
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import HTMLResponse, Response
+from starlette.staticfiles import StaticFiles
+
+from service.config import ServeConfig
+from service.errors import ConfigError
+from service.rest import v1, v2
+from service.rest.calls import HttpCalls
+from service.rest.status import json_response
+from service.servicers.calls import Calls
+
+log = logging.getLogger(__name__)
+
+STATIC = Path(__file__).parent / "static"
+TITLE = "cnn-serving"
+
+
+def build_app(calls: Calls, config: ServeConfig) -> FastAPI:
+    http = HttpCalls(
+        calls, config.auth_token(), config.max_message_bytes, config.http_body_timeout_s
+    )
+    app = FastAPI(
+        title=TITLE,
+        version=_version(),
+        summary="Image classifiers with a 2-D bottleneck: the Open Inference Protocol (V2) "
+        "with Triton's extensions, and classifier.v1 for people.",
+        docs_url=None,
+        redoc_url=None,
+    )
+    app.include_router(v2.router(http))
+    app.include_router(v1.router(http))
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(
+            openapi_url="/openapi.json",
+            title=f"{TITLE}: API",
+            swagger_js_url="/static/swagger-ui/swagger-ui-bundle.js",
+            swagger_css_url="/static/swagger-ui/swagger-ui.css",
+            swagger_favicon_url="/static/swagger-ui/favicon-32x32.png",
+        )
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> Response:
+        """Starlette's own answers (no such route, wrong method) in our error shape."""
+        detail = exc.detail if isinstance(exc.detail, str) else "error"
+        where = f"{request.method} {request.url.path[:200]}"
+        return json_response({"error": f"{where}: {detail}"}, exc.status_code)
+
+    return app
+
+
+def _version() -> str:
+    return metadata.version("cnn-serving")
+
+
+def listen(host: str, port: int, shared: bool) -> socket.socket:
+    """The HTTP listening socket; `shared`: SO_REUSEPORT beside the other front ends."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if shared:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    try:
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port} (HTTP): {exc.strerror}") from exc
+    sock.setblocking(False)
+    return sock
+
+
+class HttpServer:
+    """uvicorn (httptools) serving the app on an open socket, in the running event loop."""
+
+    def __init__(self, app: FastAPI, config: ServeConfig) -> None:
+        tls = config.tls_cert is not None
+        self._config = uvicorn.Config(
+            app,
+            http="httptools",
+            lifespan="off",
+            access_log=False,
+            log_config=None,
+            server_header=False,
+            timeout_keep_alive=30,
+            timeout_graceful_shutdown=max(math.ceil(config.drain_timeout_s), 1),
+            ssl_certfile=str(config.tls_cert) if tls else None,
+            ssl_keyfile=str(config.tls_key) if tls else None,
+        )
+        self._server = uvicorn.Server(self._config)
+        self._ticks: asyncio.Future[None] | None = None
+
+    async def start(self, sock: socket.socket) -> None:
+        try:
+            self._config.load()
+        except (OSError, ValueError) as exc:  # a TLS file that is not a certificate or key
+            raise ConfigError(f"HTTP TLS: {exc}") from exc
+        server = self._server
+        server.lifespan = self._config.lifespan_class(self._config)  # "off": does nothing
+        await server.startup(sockets=[sock])
+        # uvicorn's tick refreshes the Date header every second and stops on should_exit
+        self._ticks = asyncio.ensure_future(self._server.main_loop())
+
+    async def stop(self) -> None:
+        """Stop accepting, close idle connections, wait for requests in flight."""
+        server = self._server
+        if not getattr(server, "started", False):
+            return
+        server.should_exit = True
+        if self._ticks is not None:
+            await self._ticks
+        await server.shutdown()

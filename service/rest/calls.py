@@ -1,0 +1,104 @@
+"""What every HTTP request goes through, like `service.servicers.calls` for gRPC (and sharing
+its `Calls`, so a drain waits for both transports): the bearer token, refusal while draining
+(503), in-flight counting, the request metrics (api `http.v2` or `http.v1`), the error
+taxonomy turned into statuses, and a request body read within its size and time limits.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import time
+from collections.abc import Awaitable, Callable
+
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.errors import Code, InvalidInput, ServingError, Unauthenticated
+from service.rest.status import BodyTimeout, PayloadTooLarge, error_response, internal_error
+from service.servicers.calls import Call, Calls
+
+Work = Callable[[Call], Awaitable[Response]]
+NO_TOKEN = Unauthenticated(
+    "missing or wrong bearer token (send the header 'Authorization: Bearer <token>')"
+)
+
+
+class HttpCalls:
+    """The per-request behaviour of the HTTP endpoints over the server's shared `Calls`."""
+
+    def __init__(
+        self, calls: Calls, token: str | None, max_body_bytes: int, body_timeout_s: float
+    ) -> None:
+        self.calls = calls
+        self.engine = calls.engine
+        self.max_body_bytes = max_body_bytes
+        self.body_timeout_s = body_timeout_s
+        self._expected = f"Bearer {token}".encode() if token else None
+
+    def authorized(self, request: Request) -> bool:
+        if self._expected is None:
+            return True
+        given = request.headers.get("authorization", "").encode("latin-1")
+        return hmac.compare_digest(given, self._expected)
+
+    async def handle(self, request: Request, api: str, method: str, work: Work) -> Response:
+        """Run `work(call)` as one counted request: 401 without the token, 503 while draining,
+        the error taxonomy's status for a ServingError, 500 (logged) for anything else."""
+        call = Call(api, method, started=time.monotonic())
+        if not self.authorized(request):
+            return error_response(NO_TOKEN)
+        calls = self.calls
+        try:
+            calls.enter()
+        except ServingError as exc:
+            calls.record(call, exc.code)
+            return error_response(exc)
+        code = Code.OK
+        try:
+            return await work(call)
+        except ServingError as exc:
+            code = exc.code
+            return error_response(exc)
+        except asyncio.CancelledError:
+            code = Code.CANCELLED
+            raise
+        except Exception as exc:
+            code = Code.INTERNAL
+            return internal_error(method, exc)
+        finally:
+            calls.leave()
+            calls.record(call, code)
+
+    async def body(self, request: Request) -> bytes:
+        """The whole body, refused (413) past --max-message-bytes without reading further, and
+        408 when it takes longer than --http-body-timeout-s to arrive (a slow-loris client)."""
+        limit = self.max_body_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not declared.isdigit():
+                raise InvalidInput(f"Content-Length {declared[:40]!r} is not a byte count")
+            if int(declared) > limit:
+                raise PayloadTooLarge(_too_large(int(declared), limit))
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.body_timeout_s):
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > limit:
+                        raise PayloadTooLarge(_too_large(size, limit, "at least "))
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BodyTimeout(
+                f"the request body did not arrive within {self.body_timeout_s:g} s "
+                f"({size:,} bytes came; --http-body-timeout-s)"
+            ) from None
+        return b"".join(chunks)
+
+
+def _too_large(size: int, limit: int, qualifier: str = "") -> str:
+    return (
+        f"request body of {qualifier}{size:,} bytes is over the limit of {limit:,} bytes "
+        "(--max-message-bytes)"
+    )

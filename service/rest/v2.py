@@ -1,0 +1,166 @@
+"""The Open Inference Protocol over HTTP (KServe V2 REST) with Triton's extensions (binary
+tensors, classification, model configuration, statistics): the same answers as the gRPC
+`inference.GRPCInferenceService`, from the same code (service.servicers.inference).
+
+    GET  /v2                                  server metadata
+    GET  /v2/health/live | /v2/health/ready   probes (no token, answered while draining)
+    GET  /v2/models/{m}[/versions/{v}]        model metadata
+    GET  /v2/models/{m}[/versions/{v}]/ready  200 when ready, else 503 (404: no such model)
+    GET  /v2/models/{m}[/versions/{v}]/config Triton's model configuration
+    GET  /v2/models[/{m}[/versions/{v}]]/stats Triton's statistics
+    POST /v2/models/{m}[/versions/{v}]/infer  inference
+"""
+
+from __future__ import annotations
+
+import time
+from importlib import metadata
+from typing import Any
+
+from fastapi import APIRouter
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from starlette.requests import Request
+from starlette.responses import Response
+
+from service.errors import ServingError
+from service.rest import v2_json
+from service.rest.calls import HttpCalls
+from service.rest.status import error_response, json_response
+from service.servicers import inference, v2_codec
+from service.servicers.calls import Call
+
+API = "http.v2"
+# 64-bit integers that protobuf's JSON mapping writes as strings and Triton's REST API as
+# numbers (tritonclient.http and perf_analyzer read them as numbers).
+NUMBERS = {
+    "count", "ns", "last_inference", "inference_count", "execution_count", "batch_size",
+    "dims", "shape", "max_queue_delay_microseconds",
+}  # fmt: skip
+INFER_BODY = {
+    "requestBody": {
+        "description": "V2 inference request: JSON, or JSON of Inference-Header-Content-Length "
+        "bytes followed by the binary tensors",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
+
+
+def as_json(message: Message) -> dict[str, Any]:
+    document = MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+    return _numbers(document)  # type: ignore[no-any-return]
+
+
+def _numbers(value: Any, key: str = "") -> Any:
+    if isinstance(value, dict):
+        return {k: _numbers(v, k) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers(v, key) for v in value]
+    if key in NUMBERS and isinstance(value, str):
+        return int(value)
+    return value
+
+
+def router(http: HttpCalls) -> APIRouter:
+    engine = http.engine
+    api = APIRouter(tags=["Open Inference Protocol (V2)"])
+
+    @api.get("/v2", summary="Server metadata")
+    async def server_metadata(request: Request) -> Response:
+        async def work(call: Call) -> Response:
+            return json_response(
+                {
+                    "name": "cnn-serving",
+                    "version": metadata.version("cnn-serving"),
+                    "extensions": inference.EXTENSIONS + ["binary_tensor_data"],
+                }
+            )
+
+        return await http.handle(request, API, "ServerMetadata", work)
+
+    @api.get("/v2/health/live", summary="Liveness: 200 while the process answers")
+    async def live() -> Response:
+        return json_response({"live": True})
+
+    @api.get("/v2/health/ready", summary="Readiness: 200 when a model is ready, else 503")
+    async def ready() -> Response:
+        serving = engine.serving
+        return json_response({"ready": serving}, 200 if serving else 503)
+
+    for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+
+        @api.get(prefix, summary="Model metadata")
+        async def model_metadata(request: Request, name: str, version: str = "") -> Response:
+            async def work(call: Call) -> Response:
+                model = inference.resolve(engine, name, version, call)
+                message = v2_codec.model_metadata(model.spec, engine.versions(name))
+                return json_response(as_json(message))
+
+            return await http.handle(request, API, "ModelMetadata", work)
+
+        @api.get(prefix + "/ready", summary="Model readiness: 200 when ready, else 503")
+        async def model_ready(name: str, version: str = "") -> Response:
+            try:
+                inference.resolve(engine, name, version, Call(API, "ModelReady"))
+            except ServingError as exc:
+                return error_response(exc)
+            ready = engine.ready and not engine.draining
+            return json_response({"name": name, "ready": ready}, 200 if ready else 503)
+
+        @api.get(prefix + "/config", summary="Triton's model configuration")
+        async def model_config(request: Request, name: str, version: str = "") -> Response:
+            async def work(call: Call) -> Response:
+                model = inference.resolve(engine, name, version, call)
+                config = engine.config
+                message = v2_codec.model_config(
+                    model.spec, config.max_batch_size, config.max_queue_delay_ms, model.on_cuda
+                )
+                return json_response(as_json(message.config))
+
+            return await http.handle(request, API, "ModelConfig", work)
+
+        @api.post(prefix + "/infer", summary="Inference", openapi_extra=INFER_BODY)
+        async def infer(request: Request, name: str, version: str = "") -> Response:
+            return await http.handle(
+                request, API, "ModelInfer", lambda call: _infer(http, request, name, version, call)
+            )
+
+    for prefix in ("/v2/models", "/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+
+        @api.get(prefix + "/stats", summary="Triton's statistics")
+        async def stats(request: Request, name: str = "", version: str = "") -> Response:
+            async def work(call: Call) -> Response:
+                models = inference.stats_models(engine, name, version, call)
+                answer = inference.statistics(models, await engine.statistics(models))
+                return json_response(as_json(answer))
+
+            return await http.handle(request, API, "ModelStatistics", work)
+
+    return api
+
+
+async def _infer(
+    http: HttpCalls, request: Request, name: str, version: str, call: Call
+) -> Response:
+    engine = http.engine
+    headers = request.headers
+    v2_json.check_content(headers.get("content-type"), headers.get("content-encoding"))
+    model = inference.resolve(engine, name, version, call)  # before reading the body
+    body = await http.body(request)
+    text, binary = v2_json.split_body(body, headers.get(v2_json.HEADER_LENGTH))
+    budget = v2_json.max_values(model.spec, engine.config.max_queue_size)
+    document = v2_json.parse_json(text, budget, model.where)
+    message, binary_default = v2_json.infer_request(document, binary, name, version, model.spec)
+    timeout_us = document.get("parameters", {}).get("timeout")
+    # Triton's request timeout, in microseconds (tritonclient.http's `timeout`)
+    deadline = None
+    if type(timeout_us) is int and timeout_us > 0:
+        deadline = time.monotonic() + timeout_us / 1e6
+    answer = await inference.infer(engine, message, call, deadline)
+    content, response_headers = v2_json.infer_response(answer, message, binary_default)
+    return Response(content, 200, response_headers)
