@@ -79,6 +79,7 @@ def vgg16_run(tmp_path_factory) -> Path:
 
 READY = re.compile(r"ready: serving .* on port (\d+)")
 METRICS = re.compile(r"metrics on :(\d+)/metrics")
+HTTP = re.compile(r"HTTP listening on https?://[^ ]+:(\d+) |HTTP (off)")
 MODEL = "fashion"
 
 
@@ -171,10 +172,16 @@ class Served:
     port: int
     metrics_port: int
     log: LogWatcher
+    http_port: int = -1
 
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    @property
+    def http(self) -> str:
+        """host:port of the HTTP front door (tritonclient.http's `url`)."""
+        return f"127.0.0.1:{self.http_port}"
 
     def stop(self, timeout_s: float = 30) -> int:
         if self.process.poll() is None:
@@ -209,6 +216,8 @@ def start_server(
     `python` and `cwd` choose the interpreter and where it runs (the checkout by default)."""
     if "--frontends" not in options:
         options = ("--frontends", SERVER_MODE["frontends"], *options)
+    if "--http-port" not in options:
+        options = ("--http-port", "0", *options)
     command = [str(python), "-m", "service", "serve", "--repository", str(repo),
                "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
                "--device", "cpu", *options]  # fmt: skip
@@ -220,10 +229,11 @@ def start_server(
     try:
         port = int(log.wait_for(READY, 120).group(1))
         metrics_port = int(log.wait_for(METRICS, 1).group(1))
+        http = log.wait_for(HTTP, 1)
     except AssertionError:
         process.kill()
         raise
-    return Served(process, port, metrics_port, log)
+    return Served(process, port, metrics_port, log, int(http.group(1) or -1))
 
 
 def eventually(check, timeout_s: float = 10) -> bool:

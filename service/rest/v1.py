@@ -160,7 +160,7 @@ def _json_images(body: bytes, limit: int, where: str) -> Images:
         try:
             images.append(base64.b64decode(item["b64"], validate=True))
         except (binascii.Error, ValueError):
-            images.append(InvalidInput(f"{where}, image {i}: b64 is not valid base64"))
+            images.append(InvalidInput("b64 is not valid base64"))
         image_id = item.get("id", "")
         ids.append(image_id if isinstance(image_id, str) else str(image_id))
     return images, ids, document.get("top_k")

@@ -29,7 +29,9 @@ def test_tritonclient_works_unchanged(
     assert done.returncode == 0, done.stderr
     answers = json.loads(done.stdout)
     assert answers["live"] and answers["ready"] and answers["model_ready"]
-    assert set(answers["server"]["extensions"]) >= {"model_configuration", "statistics"}
+    assert set(answers["server"]["extensions"]) >= {
+        "classification", "model_configuration", "statistics"
+    }
     metadata = answers["metadata"]
     assert metadata["inputs"] == [{"name": "images", "datatype": "UINT8",
                                    "shape": ["-1", "28", "28", "1"]}]  # fmt: skip
@@ -45,6 +47,12 @@ def test_tritonclient_works_unchanged(
     np.testing.assert_allclose(answers["uint8"]["probabilities"], want["probabilities"][:5],
                                atol=1e-6)  # fmt: skip
     np.testing.assert_allclose(answers["uint8"]["bottleneck"], want["bottleneck"][:5], atol=1e-4)
+    labels = metadata_labels(repository)
+    scores = want["probabilities"][:5]
+    assert answers["classification"] == [
+        [f"{row[i]:f}:{i}:{labels[i]}" for i in np.argsort(-row, kind="stable")[:3]]
+        for row in scores
+    ]
     np.testing.assert_allclose(answers["bytes"]["bottleneck"], want["bottleneck"][5:8], atol=1e-4)
     assert answers["bytes"]["probabilities"] is True  # not requested, not sent
     # The stream: one answer per request, in order, the bad one an error that did not end it.
@@ -61,3 +69,8 @@ def test_tritonclient_works_unchanged(
     assert stats["name"] == MODEL and stats["version"] == "1"
     assert int(stats["inference_count"]) >= 8 and int(stats["execution_count"]) >= 2
     assert int(stats["inference_stats"]["success"]["count"]) >= 2
+
+
+def metadata_labels(repository: Path) -> list[str]:
+    metadata = json.loads((repository / MODEL / "1" / "metadata.json").read_text())
+    return list(metadata["labels"])

@@ -1,0 +1,450 @@
+"""The HTTP front door over the wire: tritonclient.http (binary and JSON), the classification
+extension on both protocols, the README's curl commands, the status of every error, token and
+TLS, the body limits, a drain with requests in flight, and a batch shared by REST and gRPC."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+from service._proto.inference import grpc_predict_v2_pb2 as v2
+from service._proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
+from tests.conftest import MODEL, ROOT, Served, eventually, png, reference, scrape, start_server
+from tests.service.test_images import bomb_png
+from tests.service.test_security_and_tools import self_signed
+
+pytestmark = pytest.mark.usefixtures("frontends")  # both server modes
+
+
+def call(
+    served: Served,
+    method: str,
+    path: str,
+    body: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+) -> tuple[int, dict[str, str], bytes]:
+    """One request on a fresh connection: (status, headers, body)."""
+    if context is None:
+        connection = http.client.HTTPConnection("127.0.0.1", served.http_port, timeout=60)
+    else:
+        connection = http.client.HTTPSConnection(
+            "127.0.0.1", served.http_port, timeout=60, context=context
+        )
+    try:
+        connection.request(method, path, body=body, headers=headers or {})
+        response = connection.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        connection.close()
+
+
+def v2_json(images: np.ndarray, **extra) -> bytes:
+    tensor = {"name": "images", "datatype": "UINT8", "shape": list(images.shape)}
+    return json.dumps({"inputs": [{**tensor, "data": images.ravel().tolist()}], **extra}).encode()
+
+
+def grpc_infer(served: Served, images: np.ndarray, classes: int = 0) -> v2.ModelInferResponse:
+    """V2 ModelInfer over gRPC (tritonclient.grpc cannot share this process with our protos:
+    tests/service/triton_probe.py runs it on its own)."""
+    request = v2.ModelInferRequest(model_name=MODEL)
+    request.inputs.add(name="images", datatype="UINT8", shape=list(images.shape))
+    request.raw_input_contents.append(images.tobytes())
+    if classes:
+        request.outputs.add(name="probabilities").parameters["classification"].int64_param = classes
+    with grpc.insecure_channel(served.target) as channel:
+        return v2_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=60)
+
+
+def test_tritonclient_http_answers_like_grpc_and_onnxruntime(
+    server: Served, repository: Path, sample_images
+):
+    import tritonclient.http as th
+
+    x = sample_images[0][:6]
+    want = reference(repository, x)
+    client = th.InferenceServerClient(server.http)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
+    metadata = client.get_model_metadata(MODEL)
+    assert metadata["inputs"][0] == {"name": "images", "datatype": "UINT8", "shape": [-1, 28, 28, 1]}
+    assert client.get_model_config(MODEL)["max_batch_size"] == 64
+    answers = {}
+    for binary in (True, False):
+        tensor = th.InferInput("images", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        outputs = [th.InferRequestedOutput(n, binary_data=binary) for n in want]
+        result = client.infer(MODEL, [tensor], outputs=outputs, request_id="r7")
+        assert result.get_response()["id"] == "r7"
+        answers[binary] = {n: result.as_numpy(n) for n in want}
+    over_grpc = grpc_infer(server, x)
+    for i, name in enumerate(want):
+        from_grpc = np.frombuffer(over_grpc.raw_output_contents[i], "<f4").reshape(len(x), -1)
+        for got in (answers[True][name], answers[False][name], from_grpc):
+            np.testing.assert_allclose(got, want[name], atol=1e-6)
+        np.testing.assert_array_equal(answers[True][name], from_grpc)  # the same bits
+
+
+def test_encoded_files_as_binary_bytes_and_as_base64_json(server: Served, repository, sample_images):
+    import tritonclient.http as th
+
+    x = sample_images[0][:3]
+    files = np.array([png(image) for image in x], dtype=np.object_)
+    tensor = th.InferInput("images", [3], "BYTES")
+    tensor.set_data_from_numpy(files, binary_data=True)
+    got = th.InferenceServerClient(server.http).infer(MODEL, [tensor]).as_numpy("probabilities")
+    np.testing.assert_allclose(got, reference(repository, x)["probabilities"], atol=1e-6)
+    data = [base64.b64encode(f).decode() for f in files]
+    body = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], "data": data}]})
+    status, headers, answer = call(server, "POST", f"/v2/models/{MODEL}/infer", body.encode())
+    assert status == 200 and headers["content-type"] == "application/json"
+    outputs = {o["name"]: o for o in json.loads(answer)["outputs"]}
+    np.testing.assert_allclose(
+        np.array(outputs["probabilities"]["data"]).reshape(3, 10), got, atol=1e-6
+    )
+
+
+def test_classification_extension_over_http_and_grpc(server: Served, repository, sample_images):
+    import tritonclient.http as th
+
+    from service.servicers.v2_codec import unpack_bytes
+
+    x = sample_images[0][:4]
+    scores = reference(repository, x)["probabilities"]
+    labels = json.loads(call(server, "GET", f"/v1/models/{MODEL}")[2])["labels"]
+    expected = [
+        [f"{scores[row, i]:f}:{i}:{labels[i]}" for i in np.argsort(-scores[row], kind="stable")[:3]]
+        for row in range(4)
+    ]
+    http_client = th.InferenceServerClient(server.http)
+    for binary in (True, False):
+        tensor = th.InferInput("images", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x)
+        wanted = [th.InferRequestedOutput("probabilities", binary_data=binary, class_count=3)]
+        got = http_client.infer(MODEL, [tensor], outputs=wanted).as_numpy("probabilities")
+        assert got.shape == (4, 3)
+        assert [[_text(v) for v in row] for row in got] == expected
+    answer = grpc_infer(server, x, classes=3)  # tritonclient.grpc: tests/service/test_triton.py
+    assert answer.outputs[0].datatype == "BYTES" and list(answer.outputs[0].shape) == [4, 3]
+    items = [v.decode() for v in unpack_bytes(answer.raw_output_contents[0], 12, "")]
+    assert [items[i : i + 3] for i in range(0, 12, 3)] == expected
+    # more classes than the model has: every class, ranked (as Triton answers)
+    assert list(grpc_infer(server, x, classes=50).outputs[0].shape) == [4, 10]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+CURL = shutil.which("curl")
+
+
+@pytest.mark.skipif(CURL is None, reason="curl is not installed")
+def test_the_readme_curl_commands(server: Served, tmp_path: Path, sample_images):
+    readme = (ROOT / "README.md").read_text()
+    commands = re.findall(r"^(curl [^\n]*:classify[^\n]*)$", readme, flags=re.M)
+    assert len(commands) >= 2, "the README shows the curl commands"
+    (tmp_path / "shoe.png").write_bytes(png(sample_images[0][0]))
+    for command in commands:
+        line = command.replace("localhost:8000", server.http)
+        done = subprocess.run(
+            ["bash", "-c", f"{line} --fail-with-body -sS"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert done.returncode == 0, (command, done.stderr, done.stdout)
+        answer = json.loads(done.stdout)
+        result = answer["results"][0]
+        assert answer["model"] == MODEL and result["label"] and "error" not in result
+        assert set(result["bottleneck"]) == {"x", "y"} and len(result["probabilities"]) == 10
+
+
+def test_classify_takes_forms_json_and_reports_each_image(server: Served, sample_images):
+    x = sample_images[0][:2]
+    boundary = "cnnserving"
+    parts = []
+    for name, data in (("a.png", png(x[0])), ("bad.png", b"<html>"), ("b.png", png(x[1]))):
+        parts.append(
+            f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
+            f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
+        )
+    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n2\r\n'.encode())
+    body = b"".join(parts) + f"--{boundary}--\r\n".encode()
+    headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+    status, _, answer = call(server, "POST", f"/v1/models/{MODEL}:classify", body, headers)
+    results = json.loads(answer)["results"]
+    assert status == 200 and [r["id"] for r in results] == ["a.png", "bad.png", "b.png"]
+    assert len(results[0]["top_k"]) == 2 and results[1]["error"]["code"] == "INVALID_ARGUMENT"
+    assert "image 1: not a readable image" in results[1]["error"]["message"]
+    document = {"images": [{"b64": base64.b64encode(png(x[0])).decode(), "id": "one"}], "top_k": 1}
+    status, _, answer = call(
+        server, "POST", f"/v1/models/{MODEL}/versions/1:classify", json.dumps(document).encode(),
+        {"Content-Type": "application/json"},
+    )  # fmt: skip
+    result = json.loads(answer)["results"][0]
+    assert status == 200 and result["id"] == "one" and len(result["top_k"]) == 1
+    assert result["label"] == results[0]["label"]
+    status, _, answer = call(server, "GET", "/v1/models")
+    assert json.loads(answer) == {"models": [{"name": MODEL, "versions": [1], "default_version": 1}]}
+
+
+INFER = f"/v2/models/{MODEL}/infer"
+PIXELS = np.zeros((1, 28, 28, 1), np.uint8)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "headers", "status", "message"),
+    [
+        ("POST", "/v2/models/nope/infer", v2_json(PIXELS), {}, 404, "model 'nope' is not loaded"),
+        ("POST", f"/v2/models/{MODEL}/versions/9/infer", v2_json(PIXELS), {}, 404, "no version 9"),
+        ("GET", "/v2/models/nope/ready", None, {}, 404, "model 'nope' is not loaded"),
+        ("GET", "/nowhere", None, {}, 404, "GET /nowhere: Not Found"),
+        ("GET", INFER, None, {}, 405, "Method Not Allowed"),
+        ("POST", INFER, b"{", {}, 400, "the body is not valid JSON"),
+        ("POST", INFER, b"[1]", {}, 400, "the body must be a JSON object"),
+        ("POST", INFER, v2_json(np.zeros((1, 28, 28, 3), np.uint8)), {}, 400,
+         "UINT8 input shape must be [N, 28, 28, 1], got [1, 28, 28, 3]"),
+        ("POST", INFER, json.dumps({"inputs": [{"name": "images", "datatype": "UINT8",
+         "shape": [1, 28, 28, 1], "data": [300] * 784}]}).encode(), {}, 400, "outside 0-255"),
+        ("POST", INFER, json.dumps({"inputs": [{"name": "images", "datatype": "BYTES",
+         "shape": [1], "data": ["aGk="]}]}).encode(), {}, 400, "image 0: not a readable image"),
+        ("POST", INFER, v2_json(PIXELS, parameters={"timeout": 1}), {}, 504, "deadline passed"),
+        ("POST", INFER, b"a,b", {"Content-Type": "text/csv"}, 415, "Content-Type 'text/csv'"),
+        ("POST", INFER, v2_json(PIXELS), {"Content-Encoding": "gzip"}, 415, "Content-Encoding"),
+        ("POST", f"/v1/models/{MODEL}:classify", b"x", {"Content-Type": "text/plain"}, 415,
+         "send an image"),
+        ("POST", f"/v1/models/{MODEL}:classify?top_k=0", b"x", {"Content-Type": "image/png"},
+         400, "top_k must be an integer from 1 to 1000"),
+    ],
+)  # fmt: skip
+def test_each_error_has_its_status_and_message(
+    server: Served, method, path, body, headers, status, message
+):
+    got, response_headers, answer = call(server, method, path, body, headers)
+    assert got == status, answer
+    assert response_headers["content-type"] == "application/json"
+    assert message in json.loads(answer)["error"]
+
+
+def test_decode_budget_is_429(repository: Path):
+    served = start_server(repository, "--decode-budget-mib", "1")
+    try:
+        big = png(np.zeros((2000, 2000, 1), np.uint8))  # 4 MB of pixels to decode
+        body = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [1],
+                           "data": [base64.b64encode(big).decode()]}]}).encode()  # fmt: skip
+        status, _, answer = call(served, "POST", INFER, body)
+        assert status == 429 and "--decode-budget-mib" in json.loads(answer)["error"]
+    finally:
+        assert served.stop() == 0
+
+
+@pytest.fixture(scope="module")
+def guarded(repository: Path, tmp_path_factory, frontends: str):
+    """A server with TLS, a token, a 64 KiB body limit and a 1 s body timeout."""
+    folder = tmp_path_factory.mktemp("guarded")
+    cert, key = self_signed(folder)
+    (folder / "token").write_text("s3cret\n")
+    served = start_server(
+        repository, "--tls-cert", str(cert), "--tls-key", str(key),
+        "--auth-token-file", str(folder / "token"), "--max-message-bytes", "65536",
+        "--http-body-timeout-s", "1",
+    )  # fmt: skip
+    context = ssl.create_default_context(cafile=str(cert))
+    yield served, context
+    assert served.stop() == 0
+
+
+TOKEN = {"Authorization": "Bearer s3cret"}
+
+
+def test_token_and_tls_over_http(guarded, sample_images):
+    served, context = guarded
+    body = v2_json(sample_images[0][:1])
+    status, headers, answer = call(served, "POST", INFER, body, {}, context)
+    assert status == 401 and "bearer token" in json.loads(answer)["error"]
+    assert headers["www-authenticate"].startswith("Bearer")
+    status, _, _ = call(served, "POST", INFER, body, {"Authorization": "Bearer wrong"}, context)
+    assert status == 401
+    status, _, answer = call(served, "POST", INFER, body, TOKEN, context)
+    assert status == 200 and json.loads(answer)["outputs"][0]["shape"] == [1, 10]
+    # the probes need no token, and plain HTTP is not answered on the TLS port
+    assert call(served, "GET", "/v2/health/ready", None, {}, context)[0] == 200
+    with pytest.raises((http.client.HTTPException, ConnectionError)):
+        call(served, "GET", "/v2/health/ready")
+
+
+def test_a_body_over_the_limit_is_413_and_not_read(guarded):
+    served, context = guarded
+    big = b"{" + b" " * 100_000 + b"}"
+    status, headers, answer = call(served, "POST", INFER, big, TOKEN, context)
+    assert status == 413 and "over the limit of 65,536 bytes" in json.loads(answer)["error"]
+    assert headers["connection"] == "close"
+    # a chunked body (no Content-Length) is cut off as it passes the limit
+    raw = socket.create_connection(("127.0.0.1", served.http_port), timeout=30)
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+            "Transfer-Encoding: chunked\r\n\r\n".encode()
+        )
+        chunk = b"x" * 16384
+        for _ in range(6):
+            tls.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        answer = tls.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+
+
+def test_a_slow_body_is_408(guarded):
+    served, context = guarded
+    raw = socket.create_connection(("127.0.0.1", served.http_port), timeout=30)
+    started = time.monotonic()
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(
+            f"POST {INFER} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer s3cret\r\n"
+            "Content-Length: 1000\r\n\r\n{".encode()
+        )
+        tls.settimeout(0.2)
+        answer = b""
+        while not answer and time.monotonic() - started < 20:
+            try:
+                answer = tls.recv(65536)
+            except TimeoutError:
+                tls.sendall(b" ")  # a byte now and then: never done, never idle
+        tls.settimeout(10)
+        while chunk := tls.recv(65536):  # the server closes the connection after its answer
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"did not arrive within 1 s" in answer
+
+
+def test_rest_and_grpc_requests_share_a_batch(repository: Path, sample_images):
+    served = start_server(repository, "--max-batch-size", "2", "--max-queue-delay-ms", "3000")
+    x = sample_images[0][:2]
+    try:
+        request = v2.ModelInferRequest(model_name=MODEL)
+        request.inputs.add(name="images", datatype="UINT8", shape=[1, 28, 28, 1])
+        request.raw_input_contents.append(x[1:2].tobytes())
+        with grpc.insecure_channel(served.target) as channel, ThreadPoolExecutor(2) as pool:
+            stub = v2_grpc.GRPCInferenceServiceStub(channel)
+            over_grpc = pool.submit(stub.ModelInfer, request, timeout=60)
+            over_http = pool.submit(call, served, "POST", INFER, v2_json(x[:1]))
+            started = time.monotonic()
+            assert over_http.result()[0] == 200 and over_grpc.result().outputs
+            # the batch was full (2 images) long before its 3 s window closed
+            assert time.monotonic() - started < 2.5
+        status, _, answer = call(served, "GET", f"/v2/models/{MODEL}/stats")
+        stats = json.loads(answer)["model_stats"][0]
+        assert (stats["inference_count"], stats["execution_count"]) == (2, 1)
+        batches = stats["batch_stats"]
+        assert [(b["batch_size"], b["compute_infer"]["count"]) for b in batches] == [(2, 1)]
+        counted = scrape(served)["cnn_serving_requests"]
+        apis = {s.labels["api"] for s in counted if s.name.endswith("_total") and s.value}
+        assert {"http.v2", "inference.v2"} <= apis
+    finally:
+        assert served.stop() == 0
+
+
+def test_drain_over_http_finishes_requests_in_flight(repository: Path, sample_images):
+    served = start_server(repository, "--max-queue-delay-ms", "1500", "--max-batch-size", "64")
+    body = v2_json(sample_images[0][:1])
+    with ThreadPoolExecutor(8) as pool:
+        flying = [pool.submit(call, served, "POST", INFER, body) for _ in range(8)]
+
+        def queued() -> bool:
+            depth = scrape(served).get("cnn_serving_queue_depth", [])
+            return sum(s.value for s in depth) >= 8
+
+        assert eventually(queued, 20), "the requests never queued"
+        served.process.send_signal(signal.SIGTERM)
+        late = []
+
+        def refused() -> bool:
+            try:
+                late.append(call(served, "GET", "/v2/health/ready")[0])
+            except OSError:
+                late.append("closed")
+            return late[-1] != 200
+
+        assert eventually(refused, 10)
+        answers = [f.result() for f in flying]
+    assert [a[0] for a in answers] == [200] * 8
+    assert late[-1] in (503, "closed")
+    assert served.process.wait(30) == 0
+
+
+HOSTILE = [
+    ("malformed JSON", INFER, b'{"inputs": [', "application/json"),
+    ("10 million elements", INFER,
+     b'{"inputs": [{"name": "images", "datatype": "UINT8", "shape": [1], "data": ['
+     + b"0," * 10_000_000 + b"0]}]}", "application/json"),
+    ("nested 100,000 deep", INFER, b"[" * 100_000 + b"]" * 100_000, "application/json"),
+    ("an image to the infer endpoint", INFER, b"\x89PNG", "image/png"),
+    ("JSON to classify, not an object", f"/v1/models/{MODEL}:classify", b"[[[[1]]]]",
+     "application/json"),
+    ("10,000 multipart parts", f"/v1/models/{MODEL}:classify",
+     b"".join(b'--b\r\nContent-Disposition: form-data; name="image"; filename="f"\r\n\r\nx\r\n'
+              for _ in range(10_000)) + b"--b--\r\n", "multipart/form-data; boundary=b"),
+    ("a form without its boundary", f"/v1/models/{MODEL}:classify", b"--b--",
+     "multipart/form-data"),
+]  # fmt: skip
+
+
+def test_hostile_bodies_get_4xx_and_do_not_stall_others(server: Served):
+    probes: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        connection = http.client.HTTPConnection("127.0.0.1", server.http_port, timeout=30)
+        try:
+            while not stop.is_set():
+                started = time.monotonic()
+                connection.request("GET", "/v2/health/ready")
+                assert connection.getresponse().read()
+                probes.append(time.monotonic() - started)
+        finally:
+            connection.close()
+
+    prober = threading.Thread(target=probe, daemon=True)
+    prober.start()
+    try:
+        for what, path, body, content_type in HOSTILE:
+            status, _, answer = call(server, "POST", path, body, {"Content-Type": content_type})
+            assert 400 <= status < 500, (what, status, answer[:200])
+            assert json.loads(answer)["error"], what
+    finally:
+        stop.set()
+        prober.join(30)
+    assert probes and max(probes) < 1.0, max(probes)
+    assert sum(p > 0.1 for p in probes) <= 0.05 * len(probes)
+
+
+def test_docs_and_openapi_are_served_from_the_package(server: Served):
+    status, _, page = call(server, "GET", "/docs")
+    assert status == 200 and b"/static/swagger-ui/swagger-ui-bundle.js" in page
+    assert b"cdn" not in page.lower()
+    status, headers, script = call(server, "GET", "/static/swagger-ui/swagger-ui-bundle.js")
+    assert status == 200 and len(script) > 100_000
+    schema = json.loads(call(server, "GET", "/openapi.json")[2])
+    assert f"/v2/models/{{name}}/infer" in schema["paths"]
+    assert "/v1/models/{name}:classify" in schema["paths"]
+
+
+def test_bomb_over_http_is_refused_like_grpc(server: Served):
+    body = bomb_png(20_000, 20_000)
+    status, _, answer = call(
+        server, "POST", f"/v1/models/{MODEL}:classify", body, {"Content-Type": "image/png"}
+    )
+    assert status == 200
+    assert "exceeds" in json.loads(answer)["results"][0]["error"]["message"]
