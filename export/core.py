@@ -15,7 +15,7 @@ import numpy as np
 import onnx
 
 import training.models  # noqa: F401 - registers the custom layers model.keras refers to
-from export import convert, parity
+from export import bottleneck_map, convert, parity
 from export.errors import ExportError
 from export.repository import choose_version, staged_version, validate_name
 
@@ -125,7 +125,8 @@ def export_run(
     version: int | None = None,
     tolerance: float = parity.TOLERANCE,
 ) -> dict[str, Any]:
-    """Write REPO/NAME/V/{model.onnx, saved_model/, metadata.json}; returns metadata.json."""
+    """Write REPO/NAME/V/{model.onnx, saved_model/, metadata.json, bottleneck_map.json};
+    returns metadata.json."""
     validate_name(name)
     model, config, metrics, images = load_run(run_dir)
     model_dir = repository / name
@@ -146,6 +147,7 @@ def export_run(
             "opset": convert.OPSET,
             "sha256": sha256_file(staging / "model.onnx"),
         }
+        metadata["bottleneck_map"] = bottleneck_map.make(staging, staging / "model.onnx", config)
         (staging / "metadata.json").write_text(json.dumps(metadata, indent=2) + "\n")
     log.info(
         "parity on %d images: savedmodel %.2e, onnxruntime %.2e (max abs)",

@@ -23,6 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+from service import bottleneck_map
 from service.cli import ENV_PREFIX, add_option, connection_options, make_client
 from service.config import DECODE_BUDGET_MIB, DEVICES, MAX_IMAGE_PIXELS, MiB, ServeConfig
 from service.cpus import available_cpus
@@ -243,6 +244,14 @@ def _classify_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p, "--json", "print JSON (one object per image) instead of a table", action="store_true"
     )
+    add_option(
+        p,
+        "--plot",
+        "also draw the images as marked points, labelled by file name, on the model's "
+        "bottleneck map (its test set's class clouds) into this PNG file",
+        type=Path,
+        metavar="FILE.png",
+    )
     add_option(p, "--device", "with --repository: as for serve", choices=DEVICES, default="auto")
     add_option(
         p,
@@ -323,6 +332,9 @@ def run_classify(args: argparse.Namespace) -> int:
             images.append(path.read_bytes())
         except OSError as exc:
             raise ServingError(f"{path}: {exc.strerror}") from exc
+    if args.plot is not None and args.plot.suffix.lower() != ".png":
+        raise ServingError(f"--plot {args.plot}: the plot is a PNG file (name it FILE.png)")
+    found = None
     if args.server:
         with make_client(args, args.server) as client:
             predictions = []
@@ -331,15 +343,23 @@ def run_classify(args: argparse.Namespace) -> int:
                     images[start : start + CHUNK], args.model, args.version, args.top_k
                 )
                 predictions += [replace(p, index=p.index + start) for p in answers]
+            if args.plot is not None:
+                info = client.get_model(args.model, predictions[0].version)
+                found = bottleneck_map.Found(info.bottleneck_map, info.map_absent_reason)
     else:
         logging.basicConfig(level=logging.WARNING, stream=sys.stderr, format="%(message)s")
-        predictions = asyncio.run(_classify_locally(args, images))
+        predictions, found = asyncio.run(_classify_locally(args, images))
     predictions = [_with_id(p, str(path)) for p, path in zip(predictions, args.images, strict=True)]
-    print(_as_json(predictions) if args.json else _as_table(predictions))
+    print(_as_json(predictions) if args.json else _as_table(predictions), flush=True)
+    if args.plot is not None and found is not None:
+        bottleneck_map.plot_images(args.plot, found, predictions, f"{args.model}")
+        print(f"plot: {args.plot}", file=sys.stderr, flush=True)
     return 0 if all(p.ok for p in predictions) else 1
 
 
-async def _classify_locally(args: argparse.Namespace, images: list[bytes]) -> list[Prediction]:
+async def _classify_locally(
+    args: argparse.Namespace, images: list[bytes]
+) -> tuple[list[Prediction], bottleneck_map.Found]:
     from service.engine import Engine  # noqa: PLC0415
 
     config = ServeConfig(
@@ -357,7 +377,7 @@ async def _classify_locally(args: argparse.Namespace, images: list[bytes]) -> li
         for start in range(0, len(images), CHUNK):
             answers = await engine.classify(model, images[start : start + CHUNK], args.top_k)
             predictions += [replace(p, index=p.index + start) for p in answers]
-        return predictions
+        return predictions, bottleneck_map.load(model.spec)
     finally:
         await engine.stop()
 

@@ -23,6 +23,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
+from service.bottleneck_map import BottleneckMap, Centroid
 from service.config import MiB, channel_options
 from service.predictions import ClassScore, Prediction
 
@@ -47,6 +48,8 @@ class ModelInfo:
     input_shape: tuple[int, int, int]  # (H, W, C) uint8
     execution_providers: tuple[str, ...]
     metadata: dict[str, Any]
+    bottleneck_map: BottleneckMap | None = None  # None: see map_absent_reason
+    map_absent_reason: str = ""
 
 
 class Client:
@@ -132,6 +135,8 @@ class Client:
             input_shape=(r.input.height, r.input.width, r.input.channels),
             execution_providers=tuple(r.execution_providers),
             metadata=json.loads(r.metadata_json) if r.metadata_json else {},
+            bottleneck_map=_map(r) if r.HasField("map") else None,
+            map_absent_reason=r.map_absent_reason,
         )
 
     def health(self, service: str = "") -> str:
@@ -161,6 +166,20 @@ class Client:
                 if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     raise _error(exc, self.target) from None
                 time.sleep(min(0.05, max(remaining, 0)))  # server restarting: retry the watch
+
+
+def _map(response: pb.GetModelResponse) -> BottleneckMap:
+    m = response.map
+    return BottleneckMap(
+        labels=tuple(response.labels),
+        x=tuple(m.x),
+        y=tuple(m.y),
+        label=tuple(m.label_index),
+        centroids=tuple(Centroid(c.label_index, c.label, c.x, c.y, c.count) for c in m.centroids),
+        extent=(m.x_min, m.x_max, m.y_min, m.y_max),
+        source=m.source,
+        document={},
+    )
 
 
 def _image(item: bytes | np.ndarray | Path) -> pb.Image:

@@ -25,6 +25,7 @@ from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service import bottleneck_map
 from service.core import ImageInput, Model
 from service.errors import InvalidInput, ModelNotFound, shorten
 from service.predictions import DEFAULT_TOP_K, Prediction
@@ -75,6 +76,7 @@ def prediction_json(p: Prediction) -> dict[str, Any]:
 
 def model_json(model: Model, versions: list[int]) -> dict[str, Any]:
     spec = model.spec
+    found = bottleneck_map.load(spec)
     return {
         "name": spec.name,
         "version": spec.version,
@@ -90,6 +92,8 @@ def model_json(model: Model, versions: list[int]) -> dict[str, Any]:
         },
         "execution_providers": list(model.providers),
         "metadata": spec.metadata,
+        "map": f"/v1/models/{spec.name}/versions/{spec.version}/map" if found.map else None,
+        "map_absent_reason": found.reason,
     }
 
 
@@ -211,6 +215,21 @@ def router(http: HttpCalls) -> APIRouter:
                 )
 
             return await http.handle(request, API, "Classify", work)
+
+        @api.get(prefix + "/map", summary="The version's bottleneck map")
+        async def get_map(request: Request, name: str, version: str = "") -> Response:
+            """Where the run's test set lies in the bottleneck plane (export/bottleneck_map.py
+            documents the format); 404 for a version exported without one, saying why."""
+
+            async def work(call: Call) -> Response:
+                model = engine.model(name, _version(name, version))
+                call.set_model(name, model.spec.version)
+                found = bottleneck_map.load(model.spec)
+                if found.map is None:
+                    raise ModelNotFound(f"{model.where} has no bottleneck map: {found.reason}")
+                return json_response(found.map.document)
+
+            return await http.handle(request, API, "GetMap", work)
 
         @api.get(prefix, summary="A model version's description")
         async def get_model(request: Request, name: str, version: str = "") -> Response:

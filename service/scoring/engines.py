@@ -27,6 +27,8 @@ from typing import Protocol, TypeVar
 import grpc
 import numpy as np
 
+from service import bottleneck_map
+from service.bottleneck_map import BottleneckMap
 from service.client import Client, ClientError
 from service.config import MAX_IMAGE_PIXELS
 from service.cpus import available_cpus
@@ -71,6 +73,7 @@ class Engine(Protocol):
     version: int
     labels: tuple[str, ...]
     device: str  # where the model runs: an execution provider, or the server's address
+    bottleneck_map: BottleneckMap | None  # the version's map, drawn behind the scored points
 
     def score(self, items: Sequence[Item]) -> Iterator[Result]: ...
 
@@ -127,6 +130,7 @@ class LocalEngine:
     ) -> None:
         self.spec = spec
         self.model, self.version, self.labels = spec.name, spec.version, spec.labels
+        self.bottleneck_map = bottleneck_map.load(spec).map
         cores = available_cpus()
         self.workers = workers or cores
         threads = intra_op_threads or max(1, cores - self.workers)
@@ -258,6 +262,7 @@ class RemoteEngine:
             raise ScoringError(f"--server {client.target}: {exc}") from None
         # The version is pinned: a newer one loaded during the job does not mix into the table.
         self.model, self.version, self.labels = info.name, info.version, info.labels
+        self.bottleneck_map = info.bottleneck_map
         self.shape = info.input_shape
         self.max_pixels = max_pixels
         self.device = f"{client.target} ({', '.join(info.execution_providers)})"

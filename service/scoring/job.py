@@ -198,7 +198,7 @@ def _score(config: ScoreConfig, engine: Engine, fmt: str, directory: Path) -> di
             summary_path, plot_path = companions(config.out)
             report.write_summary(summary, summary_path)
             title = f"{engine.model} v{engine.version}: {directory.name or directory}"
-            report.plot_bottleneck(final, engine.labels, title, plot_path)
+            report.plot_bottleneck(final, engine.labels, title, plot_path, engine.bottleneck_map)
 
         store.finish(final, write_companions)
     finally:

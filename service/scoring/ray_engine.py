@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from service import bottleneck_map
 from service.errors import ScoringError
 from service.repository import ModelSpec
 from service.scoring.engines import Result
@@ -81,6 +82,7 @@ class RayEngine:
         self.ray = _ray()
         self.spec = spec
         self.model, self.version, self.labels = spec.name, spec.version, spec.labels
+        self.bottleneck_map = bottleneck_map.load(spec).map
         self.device = f"ray {address or 'local'} ({device})"
         self.batch_size = batch_size
         self.max_pixels = max_pixels

@@ -11,6 +11,8 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from service.bottleneck_map import BottleneckMap
+from service.bottleneck_map import draw as draw_map
 from service.scoring.table import atomically
 
 ERROR_EXAMPLES = 20
@@ -93,9 +95,16 @@ def write_summary(summary: dict[str, Any], path: Path) -> None:
         temporary.write_text(text + "\n", encoding="utf-8")
 
 
-def plot_bottleneck(rows: pa.Table, labels: tuple[str, ...], title: str, path: Path) -> None:
+def plot_bottleneck(
+    rows: pa.Table,
+    labels: tuple[str, ...],
+    title: str,
+    path: Path,
+    background: BottleneckMap | None = None,
+) -> None:
     """The scored images in the bottleneck plane, one colour per true label when every scored
-    image has one, else per predicted label."""
+    image has one, else per predicted label; drawn on the version's map (faint) when it has
+    one."""
     import matplotlib  # noqa: PLC0415 - slow import, only at the end of a job
 
     matplotlib.use("Agg")
@@ -114,6 +123,8 @@ def plot_bottleneck(rows: pa.Table, labels: tuple[str, ...], title: str, path: P
     figure, axes = plt.subplots(figsize=(8, 6.5), dpi=110)
     colours = plt.get_cmap("tab10" if len(labels) <= 10 else "tab20")
     size = 14 if len(shown) < 2000 else 5
+    if background is not None:
+        draw_map(axes, background, colours)
     for i, label in enumerate(labels):
         mine = shown[names[shown] == label]
         if len(mine):
@@ -126,7 +137,10 @@ def plot_bottleneck(rows: pa.Table, labels: tuple[str, ...], title: str, path: P
     axes.set_ylabel("bottleneck y")
     subset = f", {len(shown):,} of {good.num_rows:,} shown" if len(shown) < good.num_rows else ""
     colouring = "true" if by_truth else "predicted"
-    axes.set_title(f"{title}: {good.num_rows:,} images\ncoloured by {colouring} label{subset}")
+    behind = f"; faint: the map ({background.source})" if background is not None else ""
+    axes.set_title(
+        f"{title}: {good.num_rows:,} images\ncoloured by {colouring} label{subset}{behind}"
+    )
     if len(shown):
         axes.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), markerscale=2, frameon=False)
     figure.tight_layout()

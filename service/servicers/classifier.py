@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import grpc
 
+from service import bottleneck_map
 from service._proto.classifier.v1 import classifier_pb2 as pb
 from service._proto.classifier.v1 import classifier_pb2_grpc as pb_grpc
 from service.core import ImageInput, Model
@@ -137,4 +139,29 @@ class ClassifierServicer(pb_grpc.ClassifierServicer):
             ),
             execution_providers=list(model.providers),
             metadata_json=json.dumps(spec.metadata, sort_keys=True),
+            **encode_map(bottleneck_map.load(spec)),
         )
+
+
+def encode_map(found: bottleneck_map.Found) -> dict[str, Any]:
+    """GetModelResponse's `map` (or `map_absent_reason`) fields."""
+    m = found.map
+    if m is None:
+        return {"map_absent_reason": found.reason}
+    x_min, x_max, y_min, y_max = m.extent
+    return {
+        "map": pb.BottleneckMap(
+            x=m.x,
+            y=m.y,
+            label_index=m.label,
+            centroids=[
+                pb.Centroid(label_index=c.label_index, label=c.label, x=c.x, y=c.y, count=c.count)
+                for c in m.centroids
+            ],
+            x_min=x_min,
+            x_max=x_max,
+            y_min=y_min,
+            y_max=y_max,
+            source=m.source,
+        )
+    }

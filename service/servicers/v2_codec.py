@@ -247,7 +247,10 @@ def _parameter(value: pb.InferParameter, kind: type, where: str) -> Any:
         return value.bool_param
     if kind is int and choice in ("int64_param", "uint64_param"):
         return int(getattr(value, choice))
-    raise InvalidInput(f"{where}: expected a {kind.__name__} parameter, got {choice or 'none'}")
+    article = "an" if kind is int else "a"
+    raise InvalidInput(
+        f"{where}: expected {article} {kind.__name__} parameter, got {choice or 'none'}"
+    )
 
 
 def classification(scores: np.ndarray, labels: tuple[str, ...], classes: int) -> list[bytes]:

@@ -28,6 +28,7 @@ def exported(seed_run: Path, tmp_path_factory) -> Path:
 def test_layout_and_metadata(exported: Path, seed_run: Path) -> None:
     version = exported / "fashion" / "1"
     assert sorted(p.name for p in version.iterdir()) == [
+        "bottleneck_map.json",
         "metadata.json",
         "model.onnx",
         "saved_model",
@@ -53,6 +54,64 @@ def test_layout_and_metadata(exported: Path, seed_run: Path) -> None:
     assert {"keras", "tf2onnx", "onnx", "numpy"} <= set(meta["packages"])
     digest = hashlib.sha256((version / "model.onnx").read_bytes()).hexdigest()
     assert meta["onnx"] == {"file": "model.onnx", "opset": OPSET, "sha256": digest}
+
+
+def test_the_bottleneck_map_is_the_test_set_through_the_onnx_file(exported: Path, seed_run: Path):
+    from training.config import TrainConfig
+    from training.run import load_dataset
+
+    version = exported / "fashion" / "1"
+    meta = json.loads((version / "metadata.json").read_text())
+    data = (version / "bottleneck_map.json").read_bytes()
+    entry = meta["bottleneck_map"]
+    assert entry["file"] == "bottleneck_map.json"
+    assert entry["sha256"] == hashlib.sha256(data).hexdigest()
+    document = json.loads(data)
+    assert document["format"] == "cnn-serving/bottleneck-map/1"
+    assert document["labels"] == meta["labels"]
+    test = load_dataset(TrainConfig.load(seed_run / "config.json"))
+    assert document["source"] == {"dataset": "fashion-mnist", "split": "test",
+                                  "size": len(test.x_test)}  # fmt: skip
+    session = ort.InferenceSession(str(version / "model.onnx"), providers=["CPUExecutionProvider"])
+    points = session.run(["bottleneck"], {"images": test.x_test})[0]
+    # the sample holds every point of a test set this small, in order
+    np.testing.assert_allclose(document["points"]["x"], points[:, 0], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(document["points"]["y"], points[:, 1], rtol=1e-5, atol=1e-5)
+    assert document["points"]["label"] == test.y_test.tolist()
+    for centroid in document["centroids"]:
+        mine = points[test.y_test == centroid["label_index"]]
+        assert centroid["count"] == len(mine)
+        assert (centroid["x"], centroid["y"]) == pytest.approx(mine.mean(axis=0), abs=1e-4)
+    assert document["extent"]["x_min"] == pytest.approx(points[:, 0].min(), abs=1e-5)
+    assert document["extent"]["y_max"] == pytest.approx(points[:, 1].max(), abs=1e-5)
+
+
+def test_the_map_samples_each_class_in_proportion() -> None:
+    from export.bottleneck_map import sample
+
+    classes = np.repeat(np.arange(10), [3000, 2000] + [625] * 8)  # 10,000 points
+    chosen = sample(classes, limit=5000, seed=0)
+    counts = np.bincount(classes[chosen], minlength=10)
+    assert counts.tolist() == [1500, 1000] + [312] * 8  # floor of each share
+    assert len(set(chosen.tolist())) == len(chosen) and np.all(np.diff(chosen) > 0)
+    rare = np.array([0] * 9999 + [1])
+    assert np.bincount(rare[sample(rare, limit=100)]).tolist() == [99, 1]  # never dropped
+    assert sample(classes, limit=5000, seed=0).tolist() == chosen.tolist()  # reproducible
+
+
+def test_a_run_whose_data_is_gone_exports_without_a_map(seed_run: Path, tmp_path: Path, caplog):
+    run = tmp_path / "run"
+    import shutil
+
+    shutil.copytree(seed_run, run)
+    config = json.loads((run / "config.json").read_text())
+    config["config"]["data_dir"] = str(tmp_path / "gone")
+    (run / "config.json").write_text(json.dumps(config))
+    meta = export_run(run, tmp_path / "repo", "fashion")
+    assert meta["bottleneck_map"]["file"] is None
+    assert "test set cannot be read again" in meta["bottleneck_map"]["reason"]
+    assert not (tmp_path / "repo" / "fashion" / "1" / "bottleneck_map.json").exists()
+    assert any("no bottleneck map" in r.getMessage() for r in caplog.records)
 
 
 def test_onnx_contract(exported: Path) -> None:

@@ -13,6 +13,7 @@ import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +22,7 @@ from pathlib import Path
 import grpc
 import numpy as np
 import pytest
+from PIL import Image
 
 from service._proto.inference import grpc_predict_v2_pb2 as v2
 from service._proto.inference import grpc_predict_v2_pb2_grpc as v2_grpc
@@ -81,7 +83,11 @@ def test_tritonclient_http_answers_like_grpc_and_onnxruntime(
     client = th.InferenceServerClient(server.http)
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(MODEL)
     metadata = client.get_model_metadata(MODEL)
-    assert metadata["inputs"][0] == {"name": "images", "datatype": "UINT8", "shape": [-1, 28, 28, 1]}
+    assert metadata["inputs"][0] == {
+        "name": "images",
+        "datatype": "UINT8",
+        "shape": [-1, 28, 28, 1],
+    }
     assert client.get_model_config(MODEL)["max_batch_size"] == 64
     answers = {}
     for binary in (True, False):
@@ -99,7 +105,9 @@ def test_tritonclient_http_answers_like_grpc_and_onnxruntime(
         np.testing.assert_array_equal(answers[True][name], from_grpc)  # the same bits
 
 
-def test_encoded_files_as_binary_bytes_and_as_base64_json(server: Served, repository, sample_images):
+def test_encoded_files_as_binary_bytes_and_as_base64_json(
+    server: Served, repository, sample_images
+):
     import tritonclient.http as th
 
     x = sample_images[0][:3]
@@ -109,7 +117,9 @@ def test_encoded_files_as_binary_bytes_and_as_base64_json(server: Served, reposi
     got = th.InferenceServerClient(server.http).infer(MODEL, [tensor]).as_numpy("probabilities")
     np.testing.assert_allclose(got, reference(repository, x)["probabilities"], atol=1e-6)
     data = [base64.b64encode(f).decode() for f in files]
-    body = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], "data": data}]})
+    body = json.dumps(
+        {"inputs": [{"name": "images", "datatype": "BYTES", "shape": [3], "data": data}]}
+    )
     status, headers, answer = call(server, "POST", f"/v2/models/{MODEL}/infer", body.encode())
     assert status == 200 and headers["content-type"] == "application/json"
     outputs = {o["name"]: o for o in json.loads(answer)["outputs"]}
@@ -179,9 +189,13 @@ def test_classify_takes_forms_json_and_reports_each_image(server: Served, sample
     for name, data in (("a.png", png(x[0])), ("bad.png", b"<html>"), ("b.png", png(x[1]))):
         parts.append(
             f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="{name}"\r\n'
-            f"Content-Type: image/png\r\n\r\n".encode() + data + b"\r\n"
+            f"Content-Type: image/png\r\n\r\n".encode()
+            + data
+            + b"\r\n"
         )
-    parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n2\r\n'.encode())
+    parts.append(
+        f'--{boundary}\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n2\r\n'.encode()
+    )
     body = b"".join(parts) + f"--{boundary}--\r\n".encode()
     headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
     status, _, answer = call(server, "POST", f"/v1/models/{MODEL}:classify", body, headers)
@@ -198,7 +212,9 @@ def test_classify_takes_forms_json_and_reports_each_image(server: Served, sample
     assert status == 200 and result["id"] == "one" and len(result["top_k"]) == 1
     assert result["label"] == results[0]["label"]
     status, _, answer = call(server, "GET", "/v1/models")
-    assert json.loads(answer) == {"models": [{"name": MODEL, "versions": [1], "default_version": 1}]}
+    assert json.loads(answer) == {
+        "models": [{"name": MODEL, "versions": [1], "default_version": 1}]
+    }
 
 
 INFER = f"/v2/models/{MODEL}/infer"
@@ -437,7 +453,7 @@ def test_docs_and_openapi_are_served_from_the_package(server: Served):
     status, headers, script = call(server, "GET", "/static/swagger-ui/swagger-ui-bundle.js")
     assert status == 200 and len(script) > 100_000
     schema = json.loads(call(server, "GET", "/openapi.json")[2])
-    assert f"/v2/models/{{name}}/infer" in schema["paths"]
+    assert "/v2/models/{name}/infer" in schema["paths"]
     assert "/v1/models/{name}:classify" in schema["paths"]
 
 
@@ -448,3 +464,60 @@ def test_bomb_over_http_is_refused_like_grpc(server: Served):
     )
     assert status == 200
     assert "exceeds" in json.loads(answer)["results"][0]["error"]["message"]
+
+
+def test_the_bottleneck_map_over_http_and_grpc(server: Served, repository: Path):
+    from service.client import Client
+
+    on_disk = json.loads((repository / MODEL / "1" / "bottleneck_map.json").read_text())
+    status, _, answer = call(server, "GET", f"/v1/models/{MODEL}/map")
+    assert status == 200 and json.loads(answer) == on_disk
+    described = json.loads(call(server, "GET", f"/v1/models/{MODEL}")[2])
+    assert described["map"] == f"/v1/models/{MODEL}/versions/1/map"
+    with Client(server.target) as client:
+        info = client.get_model(MODEL)
+    found = info.bottleneck_map
+    assert found is not None and info.map_absent_reason == ""
+    assert len(found.x) == len(on_disk["points"]["x"]) and found.label == tuple(
+        on_disk["points"]["label"]
+    )
+    assert [c.label for c in found.centroids] == [c["label"] for c in on_disk["centroids"]]
+    assert found.source.startswith("fashion-mnist test set")
+
+
+def test_a_version_without_a_map_still_serves(private_repo: Path, sample_images, tmp_path: Path):
+    from service.client import Client
+
+    old = private_repo / MODEL / "2"
+    shutil.copytree(private_repo / MODEL / "1", old)
+    (old / "bottleneck_map.json").unlink()
+    metadata = json.loads((old / "metadata.json").read_text())
+    del metadata["bottleneck_map"]  # as exported before maps existed
+    metadata["version"] = 2
+    (old / "metadata.json").write_text(json.dumps(metadata))
+    served = start_server(private_repo)
+    try:
+        status, _, answer = call(served, "GET", f"/v1/models/{MODEL}/map")
+        assert status == 404 and "exported before bottleneck maps existed" in answer.decode()
+        assert json.loads(call(served, "GET", f"/v1/models/{MODEL}")[2])["map"] is None
+        assert call(served, "GET", f"/v1/models/{MODEL}/versions/1/map")[0] == 200
+        with Client(served.target) as client:
+            info = client.get_model(MODEL)
+            assert info.version == 2 and info.bottleneck_map is None
+            assert "re-export" in info.map_absent_reason
+            assert client.classify([png(sample_images[0][0])], MODEL)[0].ok
+        shoe = tmp_path / "shoe.png"
+        shoe.write_bytes(png(sample_images[0][0]))
+        for mode in (("--server", served.target), ("--repository", str(private_repo))):
+            plot = tmp_path / f"plot{mode[0]}.png"
+            done = subprocess.run(
+                [sys.executable, "-m", "service", "classify", *mode, "--model", MODEL,
+                 "--version", "1", "--plot", str(plot), str(shoe)],
+                cwd=ROOT, capture_output=True, text=True, timeout=120,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            assert f"plot: {plot}" in done.stderr
+            with Image.open(plot) as picture:
+                assert picture.format == "PNG" and picture.size[0] > 400
+    finally:
+        assert served.stop() == 0

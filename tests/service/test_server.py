@@ -109,7 +109,15 @@ def v2_request(images: np.ndarray, **fields) -> v2.ModelInferRequest:
         (lambda r: setattr(r.inputs[0], "datatype", "Q" * 50_000), "INVALID_ARGUMENT",
          "is not supported"),  # the message echoes it cut short, within gRPC's limits
         (lambda r: r.outputs.add(name="probabilities").parameters["class_count"].int64_param
-         .__class__, "INVALID_ARGUMENT", "output parameters"),
+         .__class__, "INVALID_ARGUMENT",
+         "output 'probabilities': parameter 'class_count' is not supported (supported: "
+         "classification, binary_data)"),
+        (lambda r: r.outputs.add(name="bottleneck").parameters["classification"]
+         .__setattr__("int64_param", 2), "INVALID_ARGUMENT",
+         "classification applies to 'probabilities'"),
+        (lambda r: r.outputs.add(name="probabilities").parameters["classification"]
+         .__setattr__("string_param", "3"), "INVALID_ARGUMENT",
+         "expected an int parameter, got string_param"),
         (lambda r: r.raw_input_contents.__setitem__(0, b"\x00" * 10), "INVALID_ARGUMENT",
          "needs 784 bytes, raw_input_contents has 10"),
     ],

@@ -139,7 +139,7 @@ class InputSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., dtype: _Optional[str] = ..., layout: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., channels: _Optional[int] = ...) -> None: ...
 
 class GetModelResponse(_message.Message):
-    __slots__ = ("name", "version", "versions", "labels", "input", "execution_providers", "metadata_json")
+    __slots__ = ("name", "version", "versions", "labels", "input", "execution_providers", "metadata_json", "map", "map_absent_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     VERSIONS_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,8 @@ class GetModelResponse(_message.Message):
     INPUT_FIELD_NUMBER: _ClassVar[int]
     EXECUTION_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     METADATA_JSON_FIELD_NUMBER: _ClassVar[int]
+    MAP_FIELD_NUMBER: _ClassVar[int]
+    MAP_ABSENT_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: int
     versions: _containers.RepeatedScalarFieldContainer[int]
@@ -154,4 +156,42 @@ class GetModelResponse(_message.Message):
     input: InputSpec
     execution_providers: _containers.RepeatedScalarFieldContainer[str]
     metadata_json: str
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., metadata_json: _Optional[str] = ...) -> None: ...
+    map: BottleneckMap
+    map_absent_reason: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ..., versions: _Optional[_Iterable[int]] = ..., labels: _Optional[_Iterable[str]] = ..., input: _Optional[_Union[InputSpec, _Mapping]] = ..., execution_providers: _Optional[_Iterable[str]] = ..., metadata_json: _Optional[str] = ..., map: _Optional[_Union[BottleneckMap, _Mapping]] = ..., map_absent_reason: _Optional[str] = ...) -> None: ...
+
+class BottleneckMap(_message.Message):
+    __slots__ = ("x", "y", "label_index", "centroids", "x_min", "x_max", "y_min", "y_max", "source")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    LABEL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    CENTROIDS_FIELD_NUMBER: _ClassVar[int]
+    X_MIN_FIELD_NUMBER: _ClassVar[int]
+    X_MAX_FIELD_NUMBER: _ClassVar[int]
+    Y_MIN_FIELD_NUMBER: _ClassVar[int]
+    Y_MAX_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    x: _containers.RepeatedScalarFieldContainer[float]
+    y: _containers.RepeatedScalarFieldContainer[float]
+    label_index: _containers.RepeatedScalarFieldContainer[int]
+    centroids: _containers.RepeatedCompositeFieldContainer[Centroid]
+    x_min: float
+    x_max: float
+    y_min: float
+    y_max: float
+    source: str
+    def __init__(self, x: _Optional[_Iterable[float]] = ..., y: _Optional[_Iterable[float]] = ..., label_index: _Optional[_Iterable[int]] = ..., centroids: _Optional[_Iterable[_Union[Centroid, _Mapping]]] = ..., x_min: _Optional[float] = ..., x_max: _Optional[float] = ..., y_min: _Optional[float] = ..., y_max: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
+
+class Centroid(_message.Message):
+    __slots__ = ("label_index", "label", "x", "y", "count")
+    LABEL_INDEX_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    label_index: int
+    label: str
+    x: float
+    y: float
+    count: int
+    def __init__(self, label_index: _Optional[int] = ..., label: _Optional[str] = ..., x: _Optional[float] = ..., y: _Optional[float] = ..., count: _Optional[int] = ...) -> None: ...
