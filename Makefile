@@ -13,7 +13,7 @@ DEMO_MODEL  ?= fashion
 DEMO_EPOCHS ?= 3
 DEMO_PORT   ?= 18001
 
-.PHONY: install test lint format protos demo demo-serve demo-score demo-data prometheus-tools clean
+.PHONY: install test lint format protos demo demo-serve demo-score demo-data prometheus-tools browser clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install prometheus-tools
+test: install prometheus-tools browser
 	$(BIN)/python -m pytest
 
 lint: install
@@ -59,6 +59,19 @@ prometheus-tools:
 	    --no-install-recommends prometheus >/dev/null) || echo "could not install prometheus"; \
 	else \
 	  echo "NOTE: prometheus/promtool missing (not root or no apt): tests/deploy skips the Prometheus tests"; \
+	fi
+
+# Debian's chromium and chromium-driver (the page at / is tested in a real browser with
+# selenium) when we can install them (root + apt); otherwise that test skips and says why.
+browser:
+	@if command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's chromium and chromium-driver (for the page's browser test) ..."; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends chromium chromium-driver >/dev/null) \
+	    || echo "could not install chromium"; \
+	else \
+	  echo "NOTE: chromium/chromedriver missing (not root or no apt): the browser test skips"; \
 	fi
 
 demo: install demo-data

@@ -46,6 +46,9 @@ class ServeConfig:
     auth_token_file: Path | None = None
     frontends: int = 0  # front-end processes beside one engine process; 0: one process
     frontend_shm_mib: int = 16  # each front end's shared-memory arena for pixels
+    # Not an option: set by the supervisor for its front ends, which serve no /metrics
+    # themselves: where the engine serves it (the page at / links to it). -1: nowhere.
+    engine_metrics_port: int = -1
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:

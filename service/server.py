@@ -206,7 +206,8 @@ class Server:
         if config.http_port >= 0:  # bound before loading, so that a taken port fails at once
             http_socket = listen(config.host, config.http_port, shared=bool(self.frontend))
             self.http_port = http_socket.getsockname()[1]
-            self._http = HttpServer(build_app(self.calls, config), config)
+            app = build_app(self.calls, config, self._metrics_link)
+            self._http = HttpServer(app, config)
         await self.health.set(SERVER, NOT_SERVING)
         self.engine.on_model_change(self._model_health)
         if config.metrics_port >= 0:
@@ -260,6 +261,10 @@ class Server:
                 log.warning("no model is ready: health %r NOT_SERVING until one is", SERVER)
         self._serving = serving
         await self.health.set(SERVER, SERVING if serving else NOT_SERVING)
+
+    def _metrics_link(self) -> int:
+        """The port of the /metrics that covers this server (the page links to it)."""
+        return self.metrics_port if self.metrics_port >= 0 else self.config.engine_metrics_port
 
     def _log_http(self) -> None:
         if self.http_port < 0:

@@ -96,7 +96,13 @@ class Supervisor:
         engine = Child("engine", self._command("service.engine.host", engine_config))
         self._children.append(engine)
         await self._spawn(engine)
-        frontend_config = replace(config, grpc_port=port, http_port=http_port, metrics_port=-1)
+        frontend_config = replace(
+            config,
+            grpc_port=port,
+            http_port=http_port,
+            metrics_port=-1,
+            engine_metrics_port=metrics_port,
+        )
         for index in range(1, config.frontends + 1):
             command = self._command("service.frontend.process", frontend_config)
             self._children.append(Child(f"frontend-{index}", [*command, "--index", str(index)]))

@@ -236,6 +236,21 @@ def start_server(
     return Served(process, port, metrics_port, log, int(http.group(1) or -1))
 
 
+def debian_tool(name: str, package: str, make_target: str) -> str:
+    """The path of `name` from Debian's `package`. `make test` installs it when it runs as root
+    with apt, so there a missing binary is a broken set-up and fails; elsewhere (not root) the
+    test is skipped with the reason."""
+    path = shutil.which(name)
+    if path:
+        return path
+    if os.geteuid() == 0 and shutil.which("apt-get"):
+        pytest.fail(
+            f"{name} not found, yet this machine can install it: `make test` (or "
+            f"`make {make_target}`) installs Debian's {package} package"
+        )
+    pytest.skip(f"{name} not found and not root with apt: install Debian's `{package}` package")
+
+
 def eventually(check, timeout_s: float = 10) -> bool:
     """True once `check()` is (polled until `timeout_s`): for what crosses processes."""
     deadline = time.monotonic() + timeout_s

@@ -12,6 +12,7 @@ import asyncio
 import logging
 import math
 import socket
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
 
@@ -36,7 +37,10 @@ STATIC = Path(__file__).parent / "static"
 TITLE = "cnn-serving"
 
 
-def build_app(calls: Calls, config: ServeConfig) -> FastAPI:
+def build_app(
+    calls: Calls, config: ServeConfig, metrics_port: Callable[[], int] = lambda: -1
+) -> FastAPI:
+    """`metrics_port()`: where this server's /metrics is (-1: off), for the page's link."""
     http = HttpCalls(
         calls, config.auth_token(), config.max_message_bytes, config.http_body_timeout_s
     )
@@ -51,6 +55,14 @@ def build_app(calls: Calls, config: ServeConfig) -> FastAPI:
     app.include_router(v2.router(http))
     app.include_router(v1.router(http))
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    page = (STATIC / "index.html").read_text(encoding="utf-8")
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> HTMLResponse:
+        """The page: pick a model, classify images, see them on the bottleneck map."""
+        body = f'<body data-metrics-port="{int(metrics_port())}">'
+        return HTMLResponse(page.replace("<body>", body, 1))
 
     @app.get("/docs", include_in_schema=False)
     async def docs() -> HTMLResponse:

@@ -6,9 +6,7 @@ a real server that has seen traffic, and the metric names it exports."""
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import MODEL, ROOT, Served, png, scrape, start_server
+from tests.conftest import MODEL, ROOT, Served, debian_tool, png, scrape, start_server
 
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
@@ -47,18 +45,8 @@ def run_tool(*command: str | Path, cwd: Path = ROOT) -> subprocess.CompletedProc
 
 
 def debian_prometheus(name: str) -> str:
-    """`prometheus` or `promtool` from Debian's prometheus package. `make test` installs it when
-    it runs as root with apt, so there a missing binary is a broken set-up and fails; elsewhere
-    (not root) the test is skipped with the reason."""
-    path = shutil.which(name)
-    if path:
-        return path
-    if os.geteuid() == 0 and shutil.which("apt-get"):
-        pytest.fail(
-            f"{name} not found, yet this machine can install it: `make test` (or "
-            "`make prometheus-tools`) installs Debian's prometheus package"
-        )
-    pytest.skip(f"{name} not found and not root with apt: install Debian's `prometheus` package")
+    """`prometheus` or `promtool` from Debian's prometheus package (see `debian_tool`)."""
+    return debian_tool(name, "prometheus", "prometheus-tools")
 
 
 # --- files --------------------------------------------------------------------------------

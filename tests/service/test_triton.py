@@ -30,7 +30,9 @@ def test_tritonclient_works_unchanged(
     answers = json.loads(done.stdout)
     assert answers["live"] and answers["ready"] and answers["model_ready"]
     assert set(answers["server"]["extensions"]) >= {
-        "classification", "model_configuration", "statistics"
+        "classification",
+        "model_configuration",
+        "statistics",
     }
     metadata = answers["metadata"]
     assert metadata["inputs"] == [{"name": "images", "datatype": "UINT8",
