@@ -51,8 +51,9 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONSAFEPATH=1 \
     CNN_SERVING_DEVICE=cuda
 USER 10001:10001
-# 8001: gRPC (both APIs, health, reflection); 8002: Prometheus /metrics.
-EXPOSE 8001 8002
+# 8000: HTTP (V2 REST, /v1 classify, the page, /docs); 8001: gRPC (both APIs, health,
+# reflection); 8002: Prometheus /metrics.
+EXPOSE 8000 8001 8002
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
     CMD ["python", "-m", "service", "health", "--server", "127.0.0.1:8001", "--timeout-s", "4"]
 # `python -m service serve --repository /models` on CNN_SERVING_DEVICE (cuda): not `--device`

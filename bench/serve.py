@@ -3,6 +3,7 @@
     .venv/bin/python bench/serve.py                        # all three models, 8 s per scenario
     .venv/bin/python bench/serve.py --duration-s 2 --models scratch --json build/bench.json
     .venv/bin/python bench/serve.py --load perf-analyzer --models seed,scratch --frontends 0,2
+    .venv/bin/python bench/serve.py --protocol http --models seed,scratch --frontends 0,2
 
 For each model the real server (`python -m service serve`) runs as a subprocess; a separate
 client process (one asyncio loop, N concurrent tasks) sends Open Inference Protocol ModelInfer
@@ -35,6 +36,12 @@ up to 6 windows until 3 agree within 25 %. Its latencies are client side; no cei
 Server CPU per image and mean batch cover the whole perf_analyzer run: CPU of the server's
 process tree over the images its cnn_serving_batch_size histogram counted in that time.
 
+--protocol http (or both) adds V2 REST over HTTP (bench/http_load.py: an aiohttp client process,
+keep-alive connections) with binary tensors and with JSON bodies at single-64 and batch32-8,
+and gRPC against the same server for comparison; the HTTP ceiling is a bare ASGI app on the
+same uvicorn (httptools) that reads each body and answers a canned reply of the right size.
+Server CPU is per image over warm-up + window, of the server's whole process tree.
+
 --frontends 0,2 starts one server per value with `--frontends N` on its command line (0: the
 single process; N >= 1: N front-end processes and one engine process, children of the serve
 process) and prints a "split / single" ratio row against 0 for every other value. In both modes
@@ -66,6 +73,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import grpc
+import http_load  # bench/http_load.py
 import numpy as np
 import onnxruntime as ort
 import perf_analyzer  # bench/perf_analyzer.py
@@ -88,6 +96,8 @@ WARMUP_S = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
 PERF_ANALYZER_SCENARIOS = ("single-64", "batch32-8")
 LOADS = ("python", "perf-analyzer")
+PROTOCOLS = ("grpc", "http", "both")
+HTTP_SCENARIOS = ("single-64", "batch32-8")
 HEAD = (
     "scenario | clients | images/s | p50 ms | p95 ms | p99 ms | server p99 ms | mean batch | "
     "transport ceiling img/s | compute ceiling img/s | ratio vs transport | ratio vs compute | "
@@ -111,6 +121,9 @@ OPTIONS = (  # flag, default (shown by --help), type, help
     ("--scenarios", None, str, f"comma-separated subset of {', '.join([*CLOSED, OPEN])}; none: "
      f"all with --load python, {','.join(PERF_ANALYZER_SCENARIOS)} with perf-analyzer; "
      "open-loop sends single images at half the best single-* rate, so it needs one of those"),
+    ("--protocol", "grpc", str, "grpc: today's tables; http: V2 REST with binary tensors and "
+     "with JSON at single-64 and batch32-8, beside gRPC, against a bare ASGI app on the same "
+     "uvicorn (the HTTP transport ceiling); both: the two (--load python only)"),
     ("--json", None, Path, "also write every number to this file as JSON; none: do not"),
     ("--profile-dir", None, Path, "run each server under cProfile into DIR/MODEL.prof (slows "
      "it); none: no profile"),
@@ -361,7 +374,8 @@ class ModelServer:
             args.profile_dir.mkdir(parents=True, exist_ok=True)
             command += ["-m", "cProfile", "-o", str(args.profile_dir / f"{spec.name}.prof")]
         command += ["-m", "service", "serve", "--repository", self._view.name, "--grpc-port", "0"]
-        command += ["--metrics-port", "0", "--host", "127.0.0.1", "--device", args.device]
+        command += ["--metrics-port", "0", "--http-port", "0", "--host", "127.0.0.1"]
+        command += ["--device", args.device]
         command += ["--poll-interval-s", "0", "--intra-op-threads", str(args.intra_op_threads)]
         command += ["--max-batch-size", str(args.max_batch_size)]
         command += ["--max-queue-delay-ms", str(args.max_queue_delay_ms)]
@@ -377,6 +391,7 @@ class ModelServer:
         self.tail: collections.deque[str] = collections.deque(maxlen=40)
         self.warnings: list[str] = []
         try:
+            self.http_port = -1
             self.metrics_port, self.port, self.providers = self._wait_ready()
         except BaseException:  # not ready (or not understood): leave no server behind
             self.stop()
@@ -390,6 +405,8 @@ class ModelServer:
             self._keep(line)
             if found := re.search(r"metrics on :(-?\d+)/metrics", line):
                 metrics_port = int(found[1])
+            if found := re.search(r"HTTP listening on http://[^ ]+:(\d+) ", line):
+                self.http_port = int(found[1])
             if "ready: serving" in line:
                 # "... on port N" (--frontends 0), "... on port N (2 front ends, ...)" (>= 1)
                 port = int(re.search(r" on port (\d+)\b", line)[1])  # type: ignore[index]
@@ -841,6 +858,126 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
     }
 
 
+# ----------------------------------------------------------------------------- HTTP
+
+
+@dataclass
+class HttpRow:
+    target: str  # "ceiling" (the bare ASGI app), "server" or "server --frontends N"
+    protocol: str  # http or grpc
+    encoding: str  # binary, json (HTTP) or raw (gRPC)
+    scenario: str
+    images_per_s: float
+    p50_ms: float
+    p99_ms: float
+    server_cpu_ms: float | None
+    client_cpu: float
+    errors: dict[str, int]
+
+
+def _http_row(target: str, protocol: str, encoding: str, scenario: str, result: dict,
+              cpu_s: float, duration_s: float) -> HttpRow:  # fmt: skip
+    latencies = np.asarray(result["latencies_ms"] or [np.nan])
+    rate = result["images"] / duration_s
+    images = rate * (duration_s + WARMUP_S)
+    return HttpRow(
+        target, protocol, encoding, scenario, rate,
+        float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
+        cpu_s / images * 1000 if images and cpu_s else None,
+        result["client_cpu"], result["errors"],
+    )  # fmt: skip
+
+
+def bench_http(
+    spec: ModelSpec,
+    repo: Path,
+    args: argparse.Namespace,
+    pool: ProcessPoolExecutor,
+    frontends: list[int | None],
+) -> list[HttpRow]:
+    """V2 REST (binary, JSON) and gRPC against each server, and REST against the bare ASGI
+    app, at HTTP_SCENARIOS; each run in the client process, server CPU from /proc."""
+    pixels = load_pixels(spec)
+    rows: list[HttpRow] = []
+
+    def http_run(name: str, url: str, pid: int, scenario: str, encoding: str) -> None:
+        clients, batch = CLOSED[scenario]
+        load = http_load.HttpLoad(url, spec.name, spec.input_name, clients, batch, encoding,
+                                  args.duration_s)  # fmt: skip
+        before = tree_cpu_s(pid)
+        result = pool.submit(http_load.client_run, load, pixels).result()
+        cpu = cpu_delta_s(before, tree_cpu_s(pid))
+        rows.append(_http_row(name, "http", encoding, scenario, result, cpu, args.duration_s))
+
+    spawn = multiprocessing.get_context("spawn")
+    receive, send = spawn.Pipe(duplex=False)
+    bare = spawn.Process(target=http_load.bare_main, args=(len(spec.labels), send), daemon=True)
+    bare.start()
+    try:
+        url = f"http://127.0.0.1:{receive.recv()}"
+        for scenario in HTTP_SCENARIOS:
+            for encoding in http_load.ENCODINGS:
+                http_run("ceiling", url, bare.pid or 0, scenario, encoding)
+    finally:
+        bare.terminate()
+        bare.join()
+    for n in frontends:
+        name = "server" if n is None else f"server --frontends {n}"
+        server = ModelServer(repo, spec, args, n)
+        try:
+            url = f"http://127.0.0.1:{server.http_port}"
+            for scenario in HTTP_SCENARIOS:
+                for encoding in http_load.ENCODINGS:
+                    http_run(name, url, server.process.pid, scenario, encoding)
+                clients, batch = CLOSED[scenario]
+                load = Load(server.target, spec.name, spec.input_name, clients, batch, 0.0,
+                            args.duration_s, None)  # fmt: skip
+                before = tree_cpu_s(server.process.pid)
+                result = pool.submit(client_run, load, pixels).result()
+                cpu = cpu_delta_s(before, tree_cpu_s(server.process.pid))
+                rows.append(_http_row(name, "grpc", "raw", scenario, result, cpu,
+                                      args.duration_s))  # fmt: skip
+        finally:
+            server.stop()
+    return rows
+
+
+HTTP_HEAD = (
+    "target | protocol | body | scenario | images/s | p50 ms | p99 ms | server CPU ms/img | "
+    "ratio vs HTTP ceiling | client cores | errors"
+)
+
+
+def http_report(results: dict[str, list[HttpRow]]) -> dict:
+    """Print one table per model; the target: binary REST at 64 clients >= 0.7x the ceiling."""
+    numbers = {}
+    for model, rows in results.items():
+        ceiling = {(r.encoding, r.scenario): r.images_per_s for r in rows if r.target == "ceiling"}
+        lines = [f"\n#### {model}: HTTP (V2 REST) beside gRPC\n", f"| {HTTP_HEAD} |",
+                 "|" + "---|" * len(HTTP_HEAD.split("|"))]  # fmt: skip
+        for r in rows:
+            top = ceiling.get((r.encoding, r.scenario))
+            ratio = _ratio(r.images_per_s, top) if r.target != "ceiling" and top else "-"
+            lines.append(
+                f"| {r.target} | {r.protocol} | {r.encoding} | {r.scenario} | "
+                f"{r.images_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
+                f"{_num(r.server_cpu_ms, 3)} | {ratio} | {r.client_cpu:.2f} | "
+                f"{sum(r.errors.values()) or ''} |"
+            )
+        top = ceiling.get(("binary", "single-64"))
+        for r in rows:
+            key = (r.protocol, r.encoding, r.scenario)
+            if r.target != "ceiling" and key == ("http", "binary", "single-64") and top:
+                met = "met" if r.images_per_s >= 0.7 * top else "NOT met"
+                lines.append(
+                    f"\ntarget ({r.target}): binary REST at 64 clients >= 0.7x the bare ASGI "
+                    f"app: {r.images_per_s / top:.2f}x, {met}"
+                )
+        print("\n".join(lines), flush=True)
+        numbers[model] = [asdict(r) for r in rows]
+    return numbers
+
+
 class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
     """The module docstring as is, and every option's default."""
 
@@ -862,6 +999,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     unknown = set(args.models) - set(MODELS) | set(args.scenarios) - {*CLOSED, OPEN}
     if unknown or args.device not in ("auto", "cpu", "cuda"):
         p.error(f"unknown model, scenario or device: {', '.join(sorted(unknown))}")
+    if args.protocol not in PROTOCOLS:
+        p.error(f"--protocol: one of {', '.join(PROTOCOLS)}, not {args.protocol!r}")
+    if args.protocol != "grpc" and args.load != "python":
+        p.error("--protocol http|both runs with --load python")
     if args.load == "perf-analyzer" and OPEN in args.scenarios:
         p.error("--load perf-analyzer runs closed-loop scenarios only, not open-loop")
     try:
@@ -893,12 +1034,18 @@ def main(argv: list[str] | None = None) -> int:
     results: dict[str, dict] = {}
     cache: dict[tuple, dict[str, float]] = {}  # transport ceilings by (image shape, classes)
     spawn = multiprocessing.get_context("spawn")
+    numbers: dict = {}
     with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as pool:
-        for spec in specs:
-            for n in frontends:
-                key = spec.name if n is None else f"{spec.name} --frontends {n}"
-                results[key] = bench_model(spec, repo, args, pool, cache, n)
-    numbers = report(args, results)
+        if args.protocol in ("grpc", "both"):
+            for spec in specs:
+                for n in frontends:
+                    key = spec.name if n is None else f"{spec.name} --frontends {n}"
+                    results[key] = bench_model(spec, repo, args, pool, cache, n)
+            numbers = report(args, results)
+        if args.protocol in ("http", "both"):
+            numbers["http"] = http_report(
+                {s.name: bench_http(s, repo, args, pool, frontends) for s in specs}
+            )
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2) + "\n", encoding="utf-8")
     return 0

@@ -75,7 +75,7 @@ def test_image_runs_the_gpu_server_as_a_non_root_user(monkeypatch):
     assert user.isdigit() and int(user) != 0, "a numeric non-root UID (runAsNonRoot checks it)"
     defaults = build_parser().parse_args(["serve", "--repository", "x"])
     exposed = {int(port) for port in only(stage, "EXPOSE").value.split()}
-    assert exposed == {defaults.grpc_port, defaults.metrics_port}
+    assert exposed == {defaults.http_port, defaults.grpc_port, defaults.metrics_port}
 
     command = only(stage, "ENTRYPOINT").exec_form + only(stage, "CMD").exec_form
     assert command[:3] == ["python", "-m", "service"]

@@ -113,7 +113,9 @@ def test_deployment_serves_on_a_gpu_node_with_the_servers_ports_and_probes(k8s, 
     config = serve_config(args)
     assert config.device == "cuda"
     ports = {p["name"]: p["containerPort"] for p in main["ports"]}
-    assert ports == {"grpc": config.grpc_port, "metrics": config.metrics_port}
+    assert ports == {
+        "http": config.http_port, "grpc": config.grpc_port, "metrics": config.metrics_port
+    }  # fmt: skip
     for kind in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert main[kind]["grpc"]["port"] == config.grpc_port, kind
     # readiness asks the whole server (a ready model needed); the others only that it answers
@@ -274,7 +276,8 @@ def test_compose_wires_the_gpu_server_prometheus_and_grafana(monkeypatch):
     assert config.device == "cuda"
     (models,) = server["volumes"]
     assert models["target"] == str(config.repository) and models["read_only"]
-    assert {f"{p}:{p}" for p in (config.grpc_port, config.metrics_port)} <= set(server["ports"])
+    ports = (config.http_port, config.grpc_port, config.metrics_port)
+    assert {f"{p}:{p}" for p in ports} <= set(server["ports"])
     assert int(server["stop_grace_period"].rstrip("s")) > config.drain_timeout_s
 
     prometheus = compose["prometheus"]

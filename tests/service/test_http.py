@@ -521,3 +521,31 @@ def test_a_version_without_a_map_still_serves(private_repo: Path, sample_images,
                 assert picture.format == "PNG" and picture.size[0] > 400
     finally:
         assert served.stop() == 0
+
+
+def test_http_connections_have_nagle_off():
+    """An answer written in two pieces (head, body) must not wait for the client's delayed
+    ACK (40 ms per keep-alive request, measured before this): accepted sockets are NODELAY."""
+    import asyncio
+
+    from service.rest.app import listen
+
+    async def check() -> int:
+        sock = listen("127.0.0.1", 0, shared=False)
+        accepted = asyncio.get_running_loop().create_future()
+
+        def connected(reader, writer) -> None:
+            raw = writer.get_extra_info("socket")
+            accepted.set_result(raw.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(connected, sock=sock)
+        _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+        try:
+            return await asyncio.wait_for(accepted, 10)
+        finally:
+            writer.close()
+            server.close()
+            await server.wait_closed()
+
+    assert asyncio.run(check()) != 0
