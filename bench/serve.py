@@ -909,36 +909,40 @@ def bench_http(
         cpu = cpu_delta_s(before, tree_cpu_s(pid))
         rows.append(_http_row(name, "http", encoding, scenario, result, cpu, args.duration_s))
 
+    def grpc_run(name: str, server: ModelServer, scenario: str) -> None:
+        clients, batch = CLOSED[scenario]
+        load = Load(server.target, spec.name, spec.input_name, clients, batch, 0.0,
+                    args.duration_s, None)  # fmt: skip
+        before = tree_cpu_s(server.process.pid)
+        result = pool.submit(client_run, load, pixels).result()
+        cpu = cpu_delta_s(before, tree_cpu_s(server.process.pid))
+        rows.append(_http_row(name, "grpc", "raw", scenario, result, cpu, args.duration_s))
+
+    # Every target is up at once and measured back to back, scenario by scenario, so that a
+    # ratio compares runs minutes apart at most (this shared VM drifts by tens of percent).
     spawn = multiprocessing.get_context("spawn")
     receive, send = spawn.Pipe(duplex=False)
     bare = spawn.Process(target=http_load.bare_main, args=(len(spec.labels), send), daemon=True)
     bare.start()
+    servers: list[tuple[str, ModelServer]] = []
     try:
-        url = f"http://127.0.0.1:{receive.recv()}"
+        bare_url = f"http://127.0.0.1:{receive.recv()}"
+        for n in frontends:
+            name = "server" if n is None else f"server --frontends {n}"
+            servers.append((name, ModelServer(repo, spec, args, n)))
         for scenario in HTTP_SCENARIOS:
             for encoding in http_load.ENCODINGS:
-                http_run("ceiling", url, bare.pid or 0, scenario, encoding)
+                http_run("ceiling", bare_url, bare.pid or 0, scenario, encoding)
+                for name, server in servers:
+                    url = f"http://127.0.0.1:{server.http_port}"
+                    http_run(name, url, server.process.pid, scenario, encoding)
+            for name, server in servers:
+                grpc_run(name, server, scenario)
     finally:
+        for _, server in servers:
+            server.stop()
         bare.terminate()
         bare.join()
-    for n in frontends:
-        name = "server" if n is None else f"server --frontends {n}"
-        server = ModelServer(repo, spec, args, n)
-        try:
-            url = f"http://127.0.0.1:{server.http_port}"
-            for scenario in HTTP_SCENARIOS:
-                for encoding in http_load.ENCODINGS:
-                    http_run(name, url, server.process.pid, scenario, encoding)
-                clients, batch = CLOSED[scenario]
-                load = Load(server.target, spec.name, spec.input_name, clients, batch, 0.0,
-                            args.duration_s, None)  # fmt: skip
-                before = tree_cpu_s(server.process.pid)
-                result = pool.submit(client_run, load, pixels).result()
-                cpu = cpu_delta_s(before, tree_cpu_s(server.process.pid))
-                rows.append(_http_row(name, "grpc", "raw", scenario, result, cpu,
-                                      args.duration_s))  # fmt: skip
-        finally:
-            server.stop()
     return rows
 
 

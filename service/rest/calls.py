@@ -9,16 +9,17 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import TypeVar
 
-from starlette.requests import Request
 from starlette.responses import Response
 
 from service.errors import Code, InvalidInput, ServingError, Unauthenticated
 from service.rest.status import BodyTimeout, PayloadTooLarge, error_response, internal_error
 from service.servicers.calls import Call, Calls
 
-Work = Callable[[Call], Awaitable[Response]]
+Answer = TypeVar("Answer")
+Headers = Mapping[str, str]  # lower-case names (Starlette's Headers, or a dict of them)
 NO_TOKEN = Unauthenticated(
     "missing or wrong bearer token (send the header 'Authorization: Bearer <token>')"
 )
@@ -36,17 +37,24 @@ class HttpCalls:
         self.body_timeout_s = body_timeout_s
         self._expected = f"Bearer {token}".encode() if token else None
 
-    def authorized(self, request: Request) -> bool:
+    def authorized(self, headers: Headers) -> bool:
         if self._expected is None:
             return True
-        given = request.headers.get("authorization", "").encode("latin-1")
+        given = headers.get("authorization", "").encode("latin-1")
         return hmac.compare_digest(given, self._expected)
 
-    async def handle(self, request: Request, api: str, method: str, work: Work) -> Response:
-        """Run `work(call)` as one counted request: 401 without the token, 503 while draining,
-        the error taxonomy's status for a ServingError, 500 (logged) for anything else."""
+    async def handle(
+        self,
+        headers: Headers,
+        api: str,
+        method: str,
+        work: Callable[[Call], Awaitable[Answer]],
+    ) -> Answer | Response:
+        """Run `work(call)` as one counted request: its answer, or the error Response: 401
+        without the token, 503 while draining, the error taxonomy's status for a ServingError,
+        500 (logged) for anything else."""
         call = Call(api, method, started=time.monotonic())
-        if not self.authorized(request):
+        if not self.authorized(headers):
             return error_response(NO_TOKEN)
         calls = self.calls
         try:
@@ -70,11 +78,11 @@ class HttpCalls:
             calls.leave()
             calls.record(call, code)
 
-    async def body(self, request: Request) -> bytes:
+    async def body(self, headers: Headers, stream: AsyncIterator[bytes]) -> bytes:
         """The whole body, refused (413) past --max-message-bytes without reading further, and
         408 when it takes longer than --http-body-timeout-s to arrive (a slow-loris client)."""
         limit = self.max_body_bytes
-        declared = request.headers.get("content-length")
+        declared = headers.get("content-length")
         if declared is not None:
             if not declared.isdigit():
                 raise InvalidInput(f"Content-Length {declared[:40]!r} is not a byte count")
@@ -84,7 +92,7 @@ class HttpCalls:
         size = 0
         try:
             async with asyncio.timeout(self.body_timeout_s):
-                async for chunk in request.stream():
+                async for chunk in stream:
                     size += len(chunk)
                     if size > limit:
                         raise PayloadTooLarge(_too_large(size, limit, "at least "))

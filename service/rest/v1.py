@@ -177,11 +177,13 @@ async def _images(http: HttpCalls, request: Request, model: Model) -> Images:
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
     if kind.startswith("image/") or kind == v2_json.BINARY:
-        return [await http.body(request)], [""], None
+        return [await http.body(request.headers, request.stream())], [""], None
     if kind == "multipart/form-data":
-        return await _form_images(request, await http.body(request), limit)
+        body = await http.body(request.headers, request.stream())
+        return await _form_images(request, body, limit)
     if kind == "application/json":
-        return _json_images(await http.body(request), limit, model.where)
+        body = await http.body(request.headers, request.stream())
+        return _json_images(body, limit, model.where)
     raise UnsupportedMediaType(
         f"Content-Type {shorten(kind or 'none', 60)!r}: send an image (Content-Type: image/png, "
         "image/jpeg, ...), a multipart form of files (curl -F image=@FILE) or JSON "
@@ -214,7 +216,7 @@ def router(http: HttpCalls) -> APIRouter:
                     }
                 )
 
-            return await http.handle(request, API, "Classify", work)
+            return await http.handle(request.headers, API, "Classify", work)
 
         @api.get(prefix + "/map", summary="The version's bottleneck map")
         async def get_map(request: Request, name: str, version: str = "") -> Response:
@@ -229,7 +231,7 @@ def router(http: HttpCalls) -> APIRouter:
                     raise ModelNotFound(f"{model.where} has no bottleneck map: {found.reason}")
                 return json_response(found.map.document)
 
-            return await http.handle(request, API, "GetMap", work)
+            return await http.handle(request.headers, API, "GetMap", work)
 
         @api.get(prefix, summary="A model version's description")
         async def get_model(request: Request, name: str, version: str = "") -> Response:
@@ -238,7 +240,7 @@ def router(http: HttpCalls) -> APIRouter:
                 call.set_model(name, model.spec.version)
                 return json_response(model_json(model, engine.versions(name)))
 
-            return await http.handle(request, API, "GetModel", work)
+            return await http.handle(request.headers, API, "GetModel", work)
 
     @api.get("/v1/models", summary="The models and their versions")
     async def list_models(request: Request) -> Response:
@@ -253,6 +255,6 @@ def router(http: HttpCalls) -> APIRouter:
             ]
             return json_response({"models": models})
 
-        return await http.handle(request, API, "ListModels", work)
+        return await http.handle(request.headers, API, "ListModels", work)
 
     return api

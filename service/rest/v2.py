@@ -14,6 +14,7 @@ tensors, classification, model configuration, statistics): the same answers as t
 from __future__ import annotations
 
 import time
+from collections.abc import AsyncIterator
 from importlib import metadata
 from typing import Any
 
@@ -25,7 +26,7 @@ from starlette.responses import Response
 
 from service.errors import ServingError
 from service.rest import v2_json
-from service.rest.calls import HttpCalls
+from service.rest.calls import Headers, HttpCalls
 from service.rest.status import error_response, json_response
 from service.servicers import inference, v2_codec
 from service.servicers.calls import Call
@@ -81,7 +82,7 @@ def router(http: HttpCalls) -> APIRouter:
                 }
             )
 
-        return await http.handle(request, API, "ServerMetadata", work)
+        return await http.handle(request.headers, API, "ServerMetadata", work)
 
     @api.get("/v2/health/live", summary="Liveness: 200 while the process answers")
     async def live() -> Response:
@@ -101,7 +102,7 @@ def router(http: HttpCalls) -> APIRouter:
                 message = v2_codec.model_metadata(model.spec, engine.versions(name))
                 return json_response(as_json(message))
 
-            return await http.handle(request, API, "ModelMetadata", work)
+            return await http.handle(request.headers, API, "ModelMetadata", work)
 
         @api.get(prefix + "/ready", summary="Model readiness: 200 when ready, else 503")
         async def model_ready(name: str, version: str = "") -> Response:
@@ -122,13 +123,18 @@ def router(http: HttpCalls) -> APIRouter:
                 )
                 return json_response(as_json(message.config))
 
-            return await http.handle(request, API, "ModelConfig", work)
+            return await http.handle(request.headers, API, "ModelConfig", work)
 
         @api.post(prefix + "/infer", summary="Inference", openapi_extra=INFER_BODY)
-        async def infer(request: Request, name: str, version: str = "") -> Response:
-            return await http.handle(
-                request, API, "ModelInfer", lambda call: _infer(http, request, name, version, call)
-            )
+        async def model_infer(request: Request, name: str, version: str = "") -> Response:
+            """(Served by rest/fast.py ahead of the router; this route documents it and
+            answers when the fast path is not in front.)"""
+
+            async def work(call: Call) -> Response:
+                answer = await infer(http, request.headers, request.stream(), name, version, call)
+                return Response(*answer)
+
+            return await http.handle(request.headers, API, "ModelInfer", work)
 
     for prefix in ("/v2/models", "/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
 
@@ -139,28 +145,34 @@ def router(http: HttpCalls) -> APIRouter:
                 answer = inference.statistics(models, await engine.statistics(models))
                 return json_response(as_json(answer))
 
-            return await http.handle(request, API, "ModelStatistics", work)
+            return await http.handle(request.headers, API, "ModelStatistics", work)
 
     return api
 
 
-async def _infer(
-    http: HttpCalls, request: Request, name: str, version: str, call: Call
-) -> Response:
+async def infer(
+    http: HttpCalls,
+    headers: Headers,
+    stream: AsyncIterator[bytes],
+    name: str,
+    version: str,
+    call: Call,
+) -> tuple[bytes, int, dict[str, str]]:
+    """One V2 REST inference (the route below, and the fast path in rest/fast.py): the
+    answer's body, status and headers."""
     engine = http.engine
-    headers = request.headers
     v2_json.check_content(headers.get("content-type"), headers.get("content-encoding"))
     model = inference.resolve(engine, name, version, call)  # before reading the body
-    body = await http.body(request)
+    body = await http.body(headers, stream)
     text, binary = v2_json.split_body(body, headers.get(v2_json.HEADER_LENGTH))
     budget = v2_json.max_values(model.spec, engine.config.max_queue_size)
     document = v2_json.parse_json(text, budget, model.where)
     message, binary_default = v2_json.infer_request(document, binary, name, version, model.spec)
-    timeout_us = document.get("parameters", {}).get("timeout")
     # Triton's request timeout, in microseconds (tritonclient.http's `timeout`)
+    timeout_us = document.get("parameters", {}).get("timeout")
     deadline = None
     if type(timeout_us) is int and timeout_us > 0:
         deadline = time.monotonic() + timeout_us / 1e6
     answer = await inference.infer(engine, message, call, deadline)
     content, response_headers = v2_json.infer_response(answer, message, binary_default)
-    return Response(content, 200, response_headers)
+    return content, 200, response_headers
