@@ -59,6 +59,8 @@ def sample(classes: np.ndarray, limit: int = MAX_POINTS, seed: int = SEED) -> np
     rng = np.random.default_rng(seed)
     present, counts = np.unique(classes, return_counts=True)
     quotas = np.maximum(1, np.floor(counts * limit / len(classes))).astype(int)
+    while quotas.sum() > limit:  # many tiny classes, each kept once: trim the largest share
+        quotas[np.argmax(quotas)] -= 1
     chosen = [
         rng.choice(np.flatnonzero(classes == c), size=min(q, n), replace=False)
         for c, q, n in zip(present, quotas, counts, strict=True)
@@ -133,7 +135,12 @@ def make(folder: Path, onnx_path: Path, config: dict[str, Any]) -> dict[str, Any
         reason = "the run's dataset changed since training (fingerprint differs)"
         log.warning("no bottleneck map: %s", reason)
         return {"file": None, "reason": reason}
-    points = bottleneck_of(onnx_path, x_test)
+    try:
+        points = bottleneck_of(onnx_path, x_test)
+    except (RuntimeError, ValueError, MemoryError) as exc:  # onnxruntime's errors
+        reason = f"the test set could not be run through the model ({type(exc).__name__}: {exc})"
+        log.warning("no bottleneck map: %s", reason)
+        return {"file": None, "reason": reason}
     dataset = config["dataset"]
     source = {"dataset": dataset["name"], "split": "test", "size": int(len(x_test))}
     entry = write(folder, build(points, y_test, list(dataset["labels"]), source))

@@ -191,10 +191,26 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--http-body-timeout-s",
-        "longest an HTTP request body may take to arrive, in seconds; a slower one is "
-        "answered 408 (a client trickling bytes cannot hold a request open)",
+        "longest an HTTP request's head, and then its body, may take to arrive, in seconds; "
+        "a slower one is answered 408 (a client trickling bytes cannot hold a request open)",
         type=float,
         default=30.0,
+    )
+    add_option(
+        p,
+        "--http-body-budget-mib",
+        "HTTP request bodies one process holds at once, in MiB (read, parsed, waiting for "
+        "their answer); a body that does not fit is answered 429 (retry later)",
+        type=int,
+        default=512,
+    )
+    add_option(
+        p,
+        "--http-max-connections",
+        "HTTP connections and requests in progress one process takes at once; more are "
+        "answered 503",
+        type=int,
+        default=4096,
     )
     add_option(
         p,

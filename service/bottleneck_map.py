@@ -8,10 +8,10 @@ everything; its map is absent, with the reason (logged once for a damaged one).
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,27 +58,42 @@ def load(spec: ModelSpec) -> Found:
     if not isinstance(entry, dict) or not entry.get("file"):
         reason = (entry or {}).get("reason") if isinstance(entry, dict) else None
         return Found(None, reason or "exported before bottleneck maps existed (re-export it)")
-    return _read(str(spec.path / str(entry["file"])), str(entry.get("sha256", "")), spec.name)
+    key = (str(spec.path / str(entry["file"])), str(entry.get("sha256", "")))
+    found = _maps.get(key)
+    if found is None:
+        found = _read(key[0], key[1], spec)
+        if found.map is not None:  # a failure (even a passing one: EMFILE) is tried again
+            if len(_maps) >= MAX_CACHED:
+                _maps.pop(next(iter(_maps)))
+            _maps[key] = found
+    return found
 
 
-@functools.lru_cache(maxsize=64)  # per file and digest: a new version is a new folder
-def _read(path: str, sha256: str, name: str) -> Found:
+MAX_CACHED = 256  # maps kept parsed (one per version folder and digest)
+_maps: dict[tuple[str, str], Found] = {}
+
+
+def _read(path: str, sha256: str, spec: ModelSpec) -> Found:
     try:
         with open(path, "rb") as handle:
             data = handle.read()
         if hashlib.sha256(data).hexdigest() != sha256:
             raise ValueError("its sha256 differs from metadata.json's")
-        return Found(parse(json.loads(data)))
+        return Found(parse(json.loads(data), spec.labels))
     except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
-        reason = f"bottleneck map {path} is unusable: {exc}"
-        log.error("model %r: %s; serving without it", name, reason)
+        reason = f"the version's bottleneck map is unusable ({exc})"  # no server path in it
+        log.error("model %r version %d: %s: %s; serving without it", spec.name, spec.version,
+                  path, reason)  # fmt: skip
         return Found(None, reason)
 
 
-def parse(document: dict[str, Any]) -> BottleneckMap:
+def parse(document: dict[str, Any], model_labels: tuple[str, ...] | None = None) -> BottleneckMap:
+    """Check and read a map; `model_labels`: the version's, which the map must repeat."""
     if document.get("format") != FORMAT:
         raise ValueError(f"format {document.get('format')!r} is not {FORMAT!r}")
     labels = tuple(str(label) for label in document["labels"])
+    if model_labels is not None and labels != model_labels:
+        raise ValueError("its labels are not the model's")
     points = document["points"]
     x, y = tuple(map(float, points["x"])), tuple(map(float, points["y"]))
     classes = tuple(map(int, points["label"]))
@@ -92,7 +107,12 @@ def parse(document: dict[str, Any]) -> BottleneckMap:
         )
         for c in document["centroids"]
     )
+    if any(not 0 <= c.label_index < len(labels) for c in centroids):
+        raise ValueError("a centroid's label is not one of the model's")
     e = document["extent"]
+    numbers = (*x, *y, *(v for c in centroids for v in (c.x, c.y)), *map(float, e.values()))
+    if not all(math.isfinite(v) for v in numbers):
+        raise ValueError("it holds a coordinate that is not a finite number")
     source = document["source"]
     return BottleneckMap(
         labels=labels,

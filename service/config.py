@@ -40,7 +40,9 @@ class ServeConfig:
     max_concurrent_streams: int = 300  # per HTTP/2 connection; 0: no limit (grpc's default)
     max_pending_rpcs: int = 10_000  # calls grpc holds for the handlers; 0: grpc's (1-3k)
     drain_timeout_s: float = 30.0
-    http_body_timeout_s: float = 30.0  # longest an HTTP request body may take to arrive
+    http_body_timeout_s: float = 30.0  # longest an HTTP request head or body may take
+    http_body_budget_mib: int = 512  # HTTP request bodies held at once, per process
+    http_max_connections: int = 4096  # per process; more are answered 503
     tls_cert: Path | None = None
     tls_key: Path | None = None
     auth_token_file: Path | None = None
@@ -75,6 +77,8 @@ class ServeConfig:
             (self.max_pending_rpcs >= 0, "--max-pending-rpcs must be >= 0 (0: grpc's default)"),
             (self.drain_timeout_s >= 0, "--drain-timeout-s must be >= 0"),
             (self.http_body_timeout_s > 0, "--http-body-timeout-s must be > 0"),
+            (self.http_body_budget_mib >= 1, "--http-body-budget-mib must be at least 1"),
+            (self.http_max_connections >= 1, "--http-max-connections must be at least 1"),
             (
                 (self.tls_cert is None) == (self.tls_key is None),
                 "--tls-cert and --tls-key go together",

@@ -13,6 +13,7 @@ import asyncio
 import hmac
 import logging
 import signal
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -297,6 +298,7 @@ class Server:
         if self.engine.draining:
             return
         self.engine.draining = True
+        began = time.monotonic()
         # NOT_SERVING for the server and every model; liveness stays SERVING: the process is
         # healthy, only going away (a liveness probe must not kill it mid-drain)
         for name in (SERVER, *self.engine.names()):
@@ -316,20 +318,29 @@ class Server:
         # once none came for QUIET_S, gRPC stops (listener closed, GOAWAY sent) and only then
         # are they answered UNAVAILABLE.
         await self.calls.wait_quiet(QUIET_S, min(MAX_LINGER_S, self.config.drain_timeout_s))
-        if self._http is not None:  # closes the listener and idle connections
-            await self._http.stop()
-        if self._server is not None:
-            stopping = asyncio.ensure_future(self._server.stop(grace=HOLD_S + 1.0))
-            # stop() begins at once (listener closed, GOAWAY on every connection); the held
-            # answers go out a moment later, after the GOAWAY, so that a client's next call
-            # goes elsewhere rather than into a queue that gRPC would cancel
-            await asyncio.sleep(GOAWAY_FIRST_S)
-            self.calls.closing.set()
-            await stopping
+        left_s = max(1.0, self.config.drain_timeout_s - (time.monotonic() - began))
+        await asyncio.gather(self._stop_http(left_s), self._stop_grpc())
         await self.engine.stop()
         self.metrics.close()
         self._stopped.set()
         log.info("stopped")
+
+    async def _stop_http(self, timeout_s: float) -> None:
+        """Close the HTTP listener and idle connections; requests still running (past the
+        drain's timeout) get what is left of it."""
+        if self._http is not None:
+            await self._http.stop(timeout_s)
+
+    async def _stop_grpc(self) -> None:
+        if self._server is None:
+            return
+        stopping = asyncio.ensure_future(self._server.stop(grace=HOLD_S + 1.0))
+        # stop() begins at once (listener closed, GOAWAY on every connection); the held
+        # answers go out a moment later, after the GOAWAY, so that a client's next call goes
+        # elsewhere rather than into a queue that gRPC would cancel
+        await asyncio.sleep(GOAWAY_FIRST_S)
+        self.calls.closing.set()
+        await stopping
 
     async def wait(self) -> None:
         await self._stopped.wait()

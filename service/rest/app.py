@@ -26,11 +26,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, Response
 from starlette.staticfiles import StaticFiles
 
-from service.config import ServeConfig
+from service.config import MiB, ServeConfig
 from service.errors import ConfigError
 from service.rest import v1, v2
 from service.rest.calls import HttpCalls
 from service.rest.fast import App, FastInfer
+from service.rest.protocol import GuardedHttpTools
 from service.rest.status import json_response
 from service.servicers.calls import Calls
 
@@ -46,7 +47,11 @@ def build_app(
     """The ASGI app: the infer fast path (rest/fast.py) in front of the FastAPI app.
     `metrics_port()`: where this server's /metrics is (-1: off), for the page's link."""
     http = HttpCalls(
-        calls, config.auth_token(), config.max_message_bytes, config.http_body_timeout_s
+        calls,
+        config.auth_token(),
+        config.max_message_bytes,
+        config.http_body_timeout_s,
+        config.http_body_budget_mib * MiB,
     )
     app = FastAPI(
         title=TITLE,
@@ -83,7 +88,9 @@ def build_app(
         """Starlette's own answers (no such route, wrong method) in our error shape."""
         detail = exc.detail if isinstance(exc.detail, str) else "error"
         where = f"{request.method} {request.url.path[:200]}"
-        return json_response({"error": f"{where}: {detail}"}, exc.status_code)
+        answer = json_response({"error": f"{where}: {detail}"}, exc.status_code)
+        answer.headers.update(exc.headers or {})  # e.g. Allow, on a 405
+        return answer
 
     return FastInfer(app, http)
 
@@ -117,9 +124,11 @@ class HttpServer:
 
     def __init__(self, app: App, config: ServeConfig) -> None:
         tls = config.tls_cert is not None
+        GuardedHttpTools.head_timeout_s = config.http_body_timeout_s
         self._config = uvicorn.Config(
             app,
-            http="httptools",
+            http=GuardedHttpTools,  # httptools, with head limits (rest/protocol.py)
+            limit_concurrency=config.http_max_connections,
             lifespan="off",
             access_log=False,
             log_config=None,
@@ -144,11 +153,13 @@ class HttpServer:
         # uvicorn's tick refreshes the Date header every second and stops on should_exit
         self._ticks = asyncio.ensure_future(self._server.main_loop())
 
-    async def stop(self) -> None:
-        """Stop accepting, close idle connections, wait for requests in flight."""
+    async def stop(self, timeout_s: float) -> None:
+        """Stop accepting, close idle connections, wait up to `timeout_s` for requests still
+        in flight (then they are cancelled)."""
         server = self._server
         if not getattr(server, "started", False):
             return
+        self._config.timeout_graceful_shutdown = max(1, math.ceil(timeout_s))
         server.should_exit = True
         if self._ticks is not None:
             await self._ticks

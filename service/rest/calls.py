@@ -7,19 +7,33 @@ taxonomy turned into statuses, and a request body read within its size and time 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hmac
+import re
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import TypeVar
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
+from service.config import MiB
 from service.errors import Code, InvalidInput, ServingError, Unauthenticated
-from service.rest.status import BodyTimeout, PayloadTooLarge, error_response, internal_error
+from service.rest.status import (
+    BodiesBusy,
+    BodyTimeout,
+    ClientGone,
+    PayloadTooLarge,
+    error_response,
+    internal_error,
+)
 from service.servicers.calls import Call, Calls
 
 Answer = TypeVar("Answer")
 Headers = Mapping[str, str]  # lower-case names (Starlette's Headers, or a dict of them)
+NUMBER = re.compile(r"[0-9]{1,18}")
+# The body bytes the current request holds: one list per request task, released by `handle`.
+HELD: contextvars.ContextVar[list[int]] = contextvars.ContextVar("held_body_bytes")
 NO_TOKEN = Unauthenticated(
     "missing or wrong bearer token (send the header 'Authorization: Bearer <token>')"
 )
@@ -29,12 +43,19 @@ class HttpCalls:
     """The per-request behaviour of the HTTP endpoints over the server's shared `Calls`."""
 
     def __init__(
-        self, calls: Calls, token: str | None, max_body_bytes: int, body_timeout_s: float
+        self,
+        calls: Calls,
+        token: str | None,
+        max_body_bytes: int,
+        body_timeout_s: float,
+        body_budget_bytes: int,
     ) -> None:
         self.calls = calls
         self.engine = calls.engine
         self.max_body_bytes = max_body_bytes
         self.body_timeout_s = body_timeout_s
+        self.body_budget_bytes = body_budget_bytes
+        self.bodies_in_flight = 0  # bytes of request bodies held now (one event loop: no lock)
         self._expected = f"Bearer {token}".encode() if token else None
 
     def authorized(self, headers: Headers) -> bool:
@@ -59,10 +80,11 @@ class HttpCalls:
         calls = self.calls
         try:
             calls.enter()
-        except ServingError as exc:
+        except ServingError as exc:  # draining: this client should go elsewhere, and stay
             calls.record(call, exc.code)
-            return error_response(exc)
+            return error_response(exc, {"Connection": "close", "Retry-After": "1"})
         code = Code.OK
+        held = HELD.set([0])  # body bytes this request holds (see `body`)
         try:
             return await work(call)
         except ServingError as exc:
@@ -75,19 +97,25 @@ class HttpCalls:
             code = Code.INTERNAL
             return internal_error(method, exc)
         finally:
+            self.bodies_in_flight -= HELD.get()[0]
+            HELD.reset(held)
             calls.leave()
             calls.record(call, code)
 
     async def body(self, headers: Headers, stream: AsyncIterator[bytes]) -> bytes:
-        """The whole body, refused (413) past --max-message-bytes without reading further, and
-        408 when it takes longer than --http-body-timeout-s to arrive (a slow-loris client)."""
+        """The whole body (inside `handle`), refused with 413 past --max-message-bytes without
+        reading further, 408 when it takes longer than --http-body-timeout-s to arrive (a
+        slow-loris client), 429 when the bodies this process holds would pass
+        --http-body-budget-mib. The bytes count against that budget until the request ends."""
         limit = self.max_body_bytes
         declared = headers.get("content-length")
         if declared is not None:
-            if not declared.isdigit():
+            length = byte_count(declared)
+            if length is None:
                 raise InvalidInput(f"Content-Length {declared[:40]!r} is not a byte count")
-            if int(declared) > limit:
-                raise PayloadTooLarge(_too_large(int(declared), limit))
+            if length > limit:
+                raise PayloadTooLarge(_too_large(length, limit))
+            self._hold(length)
         chunks: list[bytes] = []
         size = 0
         try:
@@ -96,13 +124,38 @@ class HttpCalls:
                     size += len(chunk)
                     if size > limit:
                         raise PayloadTooLarge(_too_large(size, limit, "at least "))
+                    if declared is None:
+                        self._hold(len(chunk))
                     chunks.append(chunk)
         except TimeoutError:
             raise BodyTimeout(
                 f"the request body did not arrive within {self.body_timeout_s:g} s "
                 f"({size:,} bytes came; --http-body-timeout-s)"
             ) from None
+        except ClientDisconnect:
+            raise ClientGone("the client went away while sending the body") from None
         return b"".join(chunks)
+
+    def _hold(self, nbytes: int) -> None:
+        """Count `nbytes` more of this request's body against --http-body-budget-mib."""
+        held = HELD.get()[0] + nbytes
+        if held > self.body_budget_bytes:  # could never fit, even alone
+            raise PayloadTooLarge(
+                f"request body of {held:,} bytes is more than the whole --http-body-budget-mib "
+                f"({self.body_budget_bytes // MiB:,} MiB)"
+            )
+        if self.bodies_in_flight + nbytes > self.body_budget_bytes:
+            raise BodiesBusy(
+                f"request bodies held by this process would pass --http-body-budget-mib "
+                f"({self.body_budget_bytes // MiB:,} MiB); retry later"
+            )
+        self.bodies_in_flight += nbytes
+        HELD.get()[0] += nbytes
+
+
+def byte_count(text: str) -> int | None:
+    """A header's non-negative integer (ASCII digits only: "²".isdigit() is True), or None."""
+    return int(text) if NUMBER.fullmatch(text) else None
 
 
 def _too_large(size: int, limit: int, qualifier: str = "") -> str:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable
 
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 from starlette.types import ASGIApp as App
 from starlette.types import Receive, Scope, Send
@@ -49,8 +50,11 @@ class FastInfer:
             await self.app(scope, receive, send)
             return
         name, version = found
-        # uvicorn gives lower-case names; a repeated header keeps its last value
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
+        # uvicorn gives lower-case names; a repeated header keeps its first value, as
+        # Starlette's Headers.get (the FastAPI route) reads it
+        headers: dict[str, str] = {}
+        for key, value in scope["headers"]:
+            headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
         stream = _body(receive)
 
         def work(call: Call) -> Awaitable[tuple[bytes, int, dict[str, str]]]:
@@ -70,8 +74,8 @@ class FastInfer:
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
-        if message["type"] == "http.disconnect":
-            return
+        if message["type"] == "http.disconnect":  # as Starlette's request.stream() says it
+            raise ClientDisconnect()
         yield message.get("body", b"")
         if not message.get("more_body", False):
             return

@@ -46,6 +46,18 @@ class BodyTimeout(ServingError):
     http_status = 408
 
 
+class BodiesBusy(ServingError):
+    """The request bodies this process holds would pass --http-body-budget-mib: 429."""
+
+    code = Code.RESOURCE_EXHAUSTED
+
+
+class ClientGone(ServingError):
+    """The client closed the connection before its body arrived (nobody reads the answer)."""
+
+    code = Code.CANCELLED
+
+
 class UnsupportedMediaType(InvalidInput):
     """A Content-Type (or Content-Encoding) the endpoint does not read: 415."""
 
@@ -63,6 +75,8 @@ def error_response(exc: ServingError, headers: dict[str, str] | None = None) -> 
         extra["WWW-Authenticate"] = 'Bearer realm="cnn-serving"'
     if status in (413, 408):  # the body was not read to its end: the connection cannot go on
         extra["Connection"] = "close"
+    if status == 429:
+        extra.setdefault("Retry-After", "1")
     return Response(orjson.dumps({"error": str(exc)}), status, extra, media_type=JSON)
 
 

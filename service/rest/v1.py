@@ -31,7 +31,7 @@ from service.errors import InvalidInput, ModelNotFound, shorten
 from service.predictions import DEFAULT_TOP_K, Prediction
 from service.repository import parse_version
 from service.rest import v2_json
-from service.rest.calls import HttpCalls
+from service.rest.calls import HttpCalls, byte_count
 from service.rest.status import UnsupportedMediaType, json_response
 from service.servicers.calls import Call
 
@@ -112,9 +112,10 @@ def _top_k(value: object) -> int:
     if value is None or value == "":
         return DEFAULT_TOP_K
     text = str(value)
-    if not text.isdigit() or not 1 <= int(text) <= MAX_TOP_K:
+    number = byte_count(text)
+    if number is None or not 1 <= number <= MAX_TOP_K:
         raise InvalidInput(f"top_k must be an integer from 1 to {MAX_TOP_K}, got {shorten(text)!r}")
-    return int(text)
+    return number
 
 
 async def _pieces(body: bytes) -> AsyncGenerator[bytes, None]:

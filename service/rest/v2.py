@@ -26,7 +26,7 @@ from starlette.responses import Response
 
 from service.errors import ServingError
 from service.rest import v2_json
-from service.rest.calls import Headers, HttpCalls
+from service.rest.calls import NO_TOKEN, Headers, HttpCalls
 from service.rest.status import error_response, json_response
 from service.servicers import inference, v2_codec
 from service.servicers.calls import Call
@@ -93,6 +93,18 @@ def router(http: HttpCalls) -> APIRouter:
         serving = engine.serving
         return json_response({"ready": serving}, 200 if serving else 503)
 
+    # before /v2/models/{name}: a model named "stats" must not hide the server's statistics
+    for prefix in ("/v2/models", "/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
+
+        @api.get(prefix + "/stats", summary="Triton's statistics")
+        async def stats(request: Request, name: str = "", version: str = "") -> Response:
+            async def work(call: Call) -> Response:
+                models = inference.stats_models(engine, name, version, call)
+                answer = inference.statistics(models, await engine.statistics(models))
+                return json_response(as_json(answer))
+
+            return await http.handle(request.headers, API, "ModelStatistics", work)
+
     for prefix in ("/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
 
         @api.get(prefix, summary="Model metadata")
@@ -105,7 +117,9 @@ def router(http: HttpCalls) -> APIRouter:
             return await http.handle(request.headers, API, "ModelMetadata", work)
 
         @api.get(prefix + "/ready", summary="Model readiness: 200 when ready, else 503")
-        async def model_ready(name: str, version: str = "") -> Response:
+        async def model_ready(request: Request, name: str, version: str = "") -> Response:
+            if not http.authorized(request.headers):  # as gRPC ModelReady: not a health probe
+                return error_response(NO_TOKEN)
             try:
                 inference.resolve(engine, name, version, Call(API, "ModelReady"))
             except ServingError as exc:
@@ -136,17 +150,6 @@ def router(http: HttpCalls) -> APIRouter:
 
             return await http.handle(request.headers, API, "ModelInfer", work)
 
-    for prefix in ("/v2/models", "/v2/models/{name}", "/v2/models/{name}/versions/{version}"):
-
-        @api.get(prefix + "/stats", summary="Triton's statistics")
-        async def stats(request: Request, name: str = "", version: str = "") -> Response:
-            async def work(call: Call) -> Response:
-                models = inference.stats_models(engine, name, version, call)
-                answer = inference.statistics(models, await engine.statistics(models))
-                return json_response(as_json(answer))
-
-            return await http.handle(request.headers, API, "ModelStatistics", work)
-
     return api
 
 
@@ -164,6 +167,7 @@ async def infer(
     v2_json.check_content(headers.get("content-type"), headers.get("content-encoding"))
     model = inference.resolve(engine, name, version, call)  # before reading the body
     body = await http.body(headers, stream)
+    body = v2_json.decompress(body, headers.get("content-encoding"), http.max_body_bytes)
     text, binary = v2_json.split_body(body, headers.get(v2_json.HEADER_LENGTH))
     budget = v2_json.max_values(model.spec, engine.config.max_queue_size)
     document = v2_json.parse_json(text, budget, model.where)

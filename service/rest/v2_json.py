@@ -16,6 +16,7 @@ from __future__ import annotations
 import base64
 import binascii
 import math
+import zlib
 from typing import Any
 
 import numpy as np
@@ -24,25 +25,28 @@ import orjson
 from service._proto.inference import grpc_predict_v2_pb2 as pb
 from service.errors import InvalidInput, shorten
 from service.repository import ModelSpec
-from service.rest.status import UnsupportedMediaType
+from service.rest.calls import byte_count
+from service.rest.status import PayloadTooLarge, UnsupportedMediaType
 from service.servicers import v2_codec
 
 HEADER_LENGTH = "inference-header-content-length"
 BINARY = "application/octet-stream"
 # JSON values a request may spend beyond its pixels (names, shape, parameters, outputs).
 SPARE_VALUES = 4096
+MAX_JSON_VALUES = 1 << 20
+ENCODINGS = ("gzip", "deflate")  # what tritonclient's request_compression_algorithm sends
 
 
 def split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
     """(JSON part, binary part) of a request body."""
     if header_length is None:
         return body, memoryview(b"")
-    if not header_length.isdigit() or int(header_length) > len(body):
+    length = byte_count(header_length)
+    if length is None or length > len(body):
         raise InvalidInput(
             f"Inference-Header-Content-Length {shorten(header_length, 40)!r} is not a length "
             f"within the {len(body):,}-byte body"
         )
-    length = int(header_length)
     return body[:length], memoryview(body)[length:]
 
 
@@ -64,7 +68,10 @@ def parse_json(text: bytes, max_values: int, what: str) -> dict[str, Any]:
 
 
 def max_values(spec: ModelSpec, max_images: int) -> int:
-    return max_images * math.prod(spec.image_shape) + SPARE_VALUES
+    """The most JSON values a request may hold: what --max-queue-size images need, at most
+    MAX_JSON_VALUES (parsing holds the event loop, about 60 ms per million values: larger
+    tensors go binary)."""
+    return min(max_images * math.prod(spec.image_shape), MAX_JSON_VALUES) + SPARE_VALUES
 
 
 def infer_request(
@@ -244,15 +251,38 @@ def infer_response(
 
 
 def check_content(content_type: str | None, encoding: str | None) -> None:
-    """The inference endpoint reads JSON, or JSON followed by binary tensors, unencoded."""
-    if encoding and encoding.lower() != "identity":
+    """The inference body is JSON, or JSON followed by binary tensors, whatever Content-Type
+    says (as Triton reads it: `curl -d @body.json` sends a form type); an image or a form is
+    a mistake worth naming. Compressed with gzip or deflate, or not."""
+    if encoding and encoding.lower() not in ("identity", *ENCODINGS):
         raise UnsupportedMediaType(
             f"Content-Encoding {shorten(encoding, 40)!r} is not supported; send the body "
-            "uncompressed"
+            f"uncompressed or as {' or '.join(ENCODINGS)}"
         )
-    kind = (content_type or "application/json").split(";", 1)[0].strip().lower()
-    if kind not in ("application/json", BINARY, ""):
+    kind = (content_type or "").split(";", 1)[0].strip().lower()
+    if kind.startswith(("image/", "multipart/")):
         raise UnsupportedMediaType(
-            f"Content-Type {shorten(kind, 60)!r}: an inference body is application/json, or "
-            "application/octet-stream with Inference-Header-Content-Length"
+            f"Content-Type {shorten(kind, 60)!r}: an inference body is V2 JSON (binary tensors "
+            "after it with Inference-Header-Content-Length); images go to /v1/models/"
+            "{model}:classify"
         )
+
+
+def decompress(body: bytes, encoding: str | None, limit: int) -> bytes:
+    """The body as sent before gzip or deflate, refused (413) once it passes `limit` bytes (a
+    small body can inflate a thousandfold)."""
+    kind = (encoding or "identity").lower()
+    if kind == "identity":
+        return body
+    inflater = zlib.decompressobj(zlib.MAX_WBITS | 16 if kind == "gzip" else zlib.MAX_WBITS)
+    try:
+        data = inflater.decompress(body, limit + 1)
+    except zlib.error as exc:
+        raise InvalidInput(f"the {kind} body cannot be decompressed ({exc})") from None
+    if len(data) > limit or inflater.unconsumed_tail:
+        raise PayloadTooLarge(
+            f"the {kind} body inflates past the limit of {limit:,} bytes (--max-message-bytes)"
+        )
+    if not inflater.eof:
+        raise InvalidInput(f"the {kind} body is truncated")
+    return data

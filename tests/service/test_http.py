@@ -105,6 +105,22 @@ def test_tritonclient_http_answers_like_grpc_and_onnxruntime(
         np.testing.assert_array_equal(answers[True][name], from_grpc)  # the same bits
 
 
+def test_compressed_bodies_and_the_server_wide_statistics(server: Served, sample_images):
+    import tritonclient.http as th
+
+    x = sample_images[0][:2]
+    client = th.InferenceServerClient(server.http)
+    tensor = th.InferInput("images", list(x.shape), "UINT8")
+    tensor.set_data_from_numpy(x)
+    plain = client.infer(MODEL, [tensor]).as_numpy("probabilities")
+    for algorithm in ("gzip", "deflate"):
+        packed = client.infer(MODEL, [tensor], request_compression_algorithm=algorithm)
+        np.testing.assert_array_equal(packed.as_numpy("probabilities"), plain)
+    # GET /v2/models/stats (every model), what get_inference_statistics() asks with no name
+    stats = client.get_inference_statistics()
+    assert [s["name"] for s in stats["model_stats"]] == [MODEL]
+
+
 def test_encoded_files_as_binary_bytes_and_as_base64_json(
     server: Served, repository, sample_images
 ):
@@ -229,6 +245,7 @@ PIXELS = np.zeros((1, 28, 28, 1), np.uint8)
         ("GET", "/v2/models/nope/ready", None, {}, 404, "model 'nope' is not loaded"),
         ("GET", "/nowhere", None, {}, 404, "GET /nowhere: Not Found"),
         ("GET", INFER, None, {}, 405, "Method Not Allowed"),
+        ("GET", "/v2/models/stats/ready", None, {}, 404, "model 'stats' is not loaded"),
         ("POST", INFER, b"{", {}, 400, "the body is not valid JSON"),
         ("POST", INFER, b"[1]", {}, 400, "the body must be a JSON object"),
         ("POST", INFER, v2_json(np.zeros((1, 28, 28, 3), np.uint8)), {}, 400,
@@ -238,8 +255,20 @@ PIXELS = np.zeros((1, 28, 28, 1), np.uint8)
         ("POST", INFER, json.dumps({"inputs": [{"name": "images", "datatype": "BYTES",
          "shape": [1], "data": ["aGk="]}]}).encode(), {}, 400, "image 0: not a readable image"),
         ("POST", INFER, v2_json(PIXELS, parameters={"timeout": 1}), {}, 504, "deadline passed"),
-        ("POST", INFER, b"a,b", {"Content-Type": "text/csv"}, 415, "Content-Type 'text/csv'"),
-        ("POST", INFER, v2_json(PIXELS), {"Content-Encoding": "gzip"}, 415, "Content-Encoding"),
+        ("POST", INFER, b"a,b", {"Content-Type": "text/csv"}, 400, "not valid JSON"),
+        ("POST", INFER, v2_json(PIXELS), {"Content-Type": "image/png"}, 415,
+         "images go to /v1/models/{model}:classify"),
+        ("POST", INFER, v2_json(PIXELS), {"Content-Encoding": "br"}, 415, "Content-Encoding"),
+        ("POST", INFER, v2_json(PIXELS), {"Content-Encoding": "gzip"}, 400,
+         "cannot be decompressed"),
+        ("POST", INFER, v2_json(PIXELS), {"Inference-Header-Content-Length": "\u00b2"}, 400,
+         "is not a length"),
+        ("POST", INFER, v2_json(PIXELS), {"Inference-Header-Content-Length": "9" * 5000}, 400,
+         "is not a length"),
+        ("POST", f"/v1/models/{MODEL}:classify?top_k=%C2%B2", b"x", {"Content-Type": "image/png"},
+         400, "top_k must be an integer"),
+        ("POST", f"/v1/models/{MODEL}:classify?top_k={'9' * 5000}", b"x",
+         {"Content-Type": "image/png"}, 400, "top_k must be an integer"),
         ("POST", f"/v1/models/{MODEL}:classify", b"x", {"Content-Type": "text/plain"}, 415,
          "send an image"),
         ("POST", f"/v1/models/{MODEL}:classify?top_k=0", b"x", {"Content-Type": "image/png"},
@@ -249,10 +278,14 @@ PIXELS = np.zeros((1, 28, 28, 1), np.uint8)
 def test_each_error_has_its_status_and_message(
     server: Served, method, path, body, headers, status, message
 ):
+    headers = {k: v.encode("utf-8").decode("latin-1") for k, v in headers.items()}  # raw bytes
     got, response_headers, answer = call(server, method, path, body, headers)
     assert got == status, answer
     assert response_headers["content-type"] == "application/json"
     assert message in json.loads(answer)["error"]
+    if status == 405:
+        assert response_headers["allow"] == "POST"
+    assert "internal error" not in server.log.text
 
 
 def test_decode_budget_is_429(repository: Path):
@@ -320,6 +353,71 @@ def test_a_body_over_the_limit_is_413_and_not_read(guarded):
             tls.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         answer = tls.recv(65536)
     assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+
+
+def test_heads_are_bounded_in_size_and_time(guarded):
+    served, context = guarded
+    # model readiness tells which models exist: it needs the token, as gRPC ModelReady does
+    assert call(served, "GET", f"/v2/models/{MODEL}/ready", None, {}, context)[0] == 401
+    assert call(served, "GET", f"/v2/models/{MODEL}/ready", None, TOKEN, context)[0] == 200
+    huge = {f"X-Filler-{i}": "y" * 1000 for i in range(100)}  # 100 KB of headers
+    status, _, _ = call(served, "GET", "/v2/health/ready", None, huge, context)
+    assert status == 400
+    raw = socket.create_connection(("127.0.0.1", served.http_port), timeout=30)
+    started = time.monotonic()
+    with context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(b"GET /v2/health/ready HTTP/1.1\r\nHost: x\r\n")
+        tls.settimeout(0.2)
+        answer = b""
+        while time.monotonic() - started < 20:
+            try:
+                chunk = tls.recv(65536)
+            except TimeoutError:
+                tls.sendall(b"X-Slow: 1\r\n")  # a header now and then, never the end
+                continue
+            if not chunk:
+                break
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+    assert b"request head did not arrive in time" in answer
+
+
+def test_a_compressed_bomb_is_413(guarded):
+    import gzip
+
+    served, context = guarded
+    bomb = gzip.compress(b"{" + b" " * 10_000_000 + b"}")  # 10 MB in about 10 KB
+    headers = {**TOKEN, "Content-Encoding": "gzip"}
+    status, _, answer = call(served, "POST", INFER, bomb, headers, context)
+    assert status == 413 and "inflates past the limit" in json.loads(answer)["error"]
+
+
+def test_bodies_held_at_once_are_bounded(repository: Path):
+    served = start_server(repository, "--http-body-budget-mib", "1")
+    try:
+        raw = socket.create_connection(("127.0.0.1", served.http_port), timeout=30)
+        with raw:
+            # one body of 800 KB on its way (half sent) holds 800 KB of the 1 MiB budget
+            raw.sendall(
+                f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 800000\r\n\r\n".encode()
+                + b" " * 400_000
+            )
+
+            def busy() -> bool:
+                body = b" " * 400_000
+                return call(served, "POST", INFER, body)[0] == 429
+
+            assert eventually(busy, 20)  # a second one does not fit beside it now
+            status, headers, answer = call(served, "POST", INFER, b" " * 400_000)
+            assert status == 429 and headers["retry-after"] == "1"
+            assert "--http-body-budget-mib" in json.loads(answer)["error"]
+            status, _, answer = call(served, "POST", INFER, b" " * 2_000_000)
+            assert status == 413 and "more than the whole" in json.loads(answer)["error"]
+        # the first client gave up: its bytes are released, and it is no server error
+        assert eventually(lambda: call(served, "POST", INFER, b"{}")[0] == 400, 20)
+        assert "internal error" not in served.log.text
+    finally:
+        assert served.stop() == 0
 
 
 def test_a_slow_body_is_408(guarded):

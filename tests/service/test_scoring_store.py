@@ -214,7 +214,7 @@ def test_images_refused_while_the_servers_decoding_is_busy_are_sent_again(tmp_pa
             shape, providers = (28, 28, 1), ("CPU",)
             return SimpleNamespace(
                 name=model, version=version, labels=LABELS, input_shape=shape,
-                execution_providers=providers,
+                execution_providers=providers, bottleneck_map=None,
             )  # fmt: skip
 
         def classify(self, images, model, version, top_k):
