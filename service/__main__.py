@@ -215,7 +215,7 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--tls-cert",
-        "PEM certificate chain: serve TLS (needs --tls-key)",
+        "PEM certificate chain: serve gRPC and HTTP over TLS (needs --tls-key)",
         type=Path,
         metavar="FILE",
     )
@@ -223,8 +223,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--auth-token-file",
-        "require 'authorization: Bearer <token>' on every RPC but "
-        "health; the token is this file's content",
+        "require 'authorization: Bearer <token>' on every RPC but health, and on every HTTP "
+        "request but /v2/health/*, the page and /docs; the token is this file's content",
         type=Path,
         metavar="FILE",
     )

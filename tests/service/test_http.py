@@ -403,13 +403,15 @@ def test_bodies_held_at_once_are_bounded(repository: Path):
                 + b" " * 400_000
             )
 
-            def busy() -> bool:
-                body = b" " * 400_000
-                return call(served, "POST", INFER, body)[0] == 429
+            answers = []
+
+            def busy() -> bool:  # with front ends, once a connection lands where it is held
+                answers.append(call(served, "POST", INFER, b" " * 400_000))
+                return answers[-1][0] == 429
 
             assert eventually(busy, 20)  # a second one does not fit beside it now
-            status, headers, answer = call(served, "POST", INFER, b" " * 400_000)
-            assert status == 429 and headers["retry-after"] == "1"
+            _, headers, answer = answers[-1]
+            assert headers["retry-after"] == "1"
             assert "--http-body-budget-mib" in json.loads(answer)["error"]
             status, _, answer = call(served, "POST", INFER, b" " * 2_000_000)
             assert status == 413 and "more than the whole" in json.loads(answer)["error"]
