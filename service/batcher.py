@@ -49,6 +49,8 @@ class BatchReport:
     queue_s: list[float]  # per request: enqueue -> batch start
     compute_s: float  # the model run alone, in its thread
     ok: bool
+    input_s: float = 0.0  # merging the requests' pixels into the batch
+    output_s: float = 0.0  # splitting the outputs back into each request's rows
 
 
 @dataclass(eq=False)
@@ -203,26 +205,28 @@ class Batcher:
         if not batch:
             self._schedule()
             return
-        images, offsets = merge([item.images for item in batch])
         started = time.monotonic()
+        images, offsets = merge([item.images for item in batch])
+        merged = time.monotonic()
+        timing = (started, merged - started)
         if len(images) <= self.inline_up_to:
             try:
                 outputs: Outputs | BaseException = self._run(images)
             except Exception as exc:  # answer every caller; the batcher itself must survive
                 outputs = exc
-            self._answer(batch, offsets, outputs, started, time.monotonic() - started)
+            self._answer(batch, offsets, outputs, timing, time.monotonic() - merged)
             self._schedule()
             return
         assert self._loop is not None
         self._running = batch
         job = self._loop.run_in_executor(self._executor, self._timed, images)
-        job.add_done_callback(functools.partial(self._computed, batch, offsets, started))
+        job.add_done_callback(functools.partial(self._computed, batch, offsets, timing))
 
     def _computed(
         self,
         batch: list[_Pending],
         offsets: list[int],
-        started: float,
+        timing: tuple[float, float],
         job: asyncio.Future[tuple[Outputs, float]],
     ) -> None:
         """Done-callback of a batch computed in a thread."""
@@ -231,9 +235,9 @@ class Batcher:
         try:
             outputs, compute_s = job.result()
         except Exception as exc:
-            self._answer(batch, offsets, exc, started, 0.0)
+            self._answer(batch, offsets, exc, timing, 0.0)
         else:
-            self._answer(batch, offsets, outputs, started, compute_s)
+            self._answer(batch, offsets, outputs, timing, compute_s)
         self._schedule()
 
     def _timed(self, images: np.ndarray) -> tuple[Outputs, float]:
@@ -272,11 +276,14 @@ class Batcher:
         batch: list[_Pending],
         offsets: list[int],
         outputs: Outputs | BaseException,
-        started: float,
+        timing: tuple[float, float],
         compute_s: float,
     ) -> None:
-        """Give each caller its rows (or the error), then report the batch."""
+        """Give each caller its rows (or the error), then report the batch. `timing`: when
+        the batch began (its requests' queueing ends there) and how long merging took."""
+        started, input_s = timing
         ok = not isinstance(outputs, BaseException)
+        splitting = time.monotonic()
         if isinstance(outputs, BaseException):
             error = outputs
             if not isinstance(error, ServingError):
@@ -301,6 +308,8 @@ class Batcher:
                     queue_s=[started - item.enqueued for item in batch],
                     compute_s=compute_s,
                     ok=ok,
+                    input_s=input_s,
+                    output_s=time.monotonic() - splitting,
                 )
             )
 

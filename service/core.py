@@ -47,7 +47,11 @@ SERVER = ""  # the name a model-change listener gets for the whole server's read
 
 @dataclass
 class Stats:
-    """Per-version counters behind Triton's ModelStatistics (nanoseconds, counts)."""
+    """Per-version counters behind Triton's ModelStatistics, with Triton's meaning: the
+    request parts are [count, ns] summed per request (a batch of 3 requests adds 3 counts and
+    3 times its duration), so every part counts the same requests; execution_count counts
+    batches, inference_count images; `batches` per executed batch size [batches, input ns,
+    infer ns, output ns]."""
 
     inference_count: int = 0  # images computed
     execution_count: int = 0  # batches computed
@@ -55,8 +59,10 @@ class Stats:
     success: list[int] = field(default_factory=lambda: [0, 0])  # [count, ns] whole requests
     fail: list[int] = field(default_factory=lambda: [0, 0])
     queue: list[int] = field(default_factory=lambda: [0, 0])
-    compute: list[int] = field(default_factory=lambda: [0, 0])
-    batches: dict[int, list[int]] = field(default_factory=dict)  # batch size -> [count, ns]
+    compute_input: list[int] = field(default_factory=lambda: [0, 0])  # merging the pixels
+    compute: list[int] = field(default_factory=lambda: [0, 0])  # the model run (compute_infer)
+    compute_output: list[int] = field(default_factory=lambda: [0, 0])  # splitting the outputs
+    batches: dict[int, list[int]] = field(default_factory=dict)
 
     def record_request(self, ok: bool, seconds: float) -> None:
         _add(self.success if ok else self.fail, int(seconds * 1e9))

@@ -43,12 +43,22 @@ INLINE_BELOW_S = 0.005
 
 
 def record_batch(stats: Stats, report: BatchReport) -> None:
-    compute_ns = int(report.compute_s * 1e9)
+    """One executed batch, in Triton's terms (see Stats): each of its requests counts once in
+    queue and in each compute part, with the whole part's duration."""
+    requests = len(report.queue_s)
+    parts = [int(seconds * 1e9) for seconds in (report.input_s, report.compute_s, report.output_s)]
     stats.execution_count += 1
     stats.inference_count += report.size
     stats.last_inference_ms = int(time.time() * 1000)
-    _add(stats.compute, compute_ns)
-    _add(stats.batches.setdefault(report.size, [0, 0]), compute_ns)
+    for pair, ns in zip(
+        (stats.compute_input, stats.compute, stats.compute_output), parts, strict=True
+    ):
+        pair[0] += requests
+        pair[1] += requests * ns
+    entry = stats.batches.setdefault(report.size, [0, 0, 0, 0])
+    entry[0] += 1
+    for i, ns in enumerate(parts, start=1):
+        entry[i] += ns
     for queued in report.queue_s:
         _add(stats.queue, int(queued * 1e9))
 

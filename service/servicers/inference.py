@@ -167,10 +167,17 @@ def _statistics(model: Model, stats: Stats) -> pb.ModelStatistics:
             success=duration(count=stats.success[0], ns=stats.success[1]),
             fail=duration(count=stats.fail[0], ns=stats.fail[1]),
             queue=duration(count=stats.queue[0], ns=stats.queue[1]),
+            compute_input=duration(count=stats.compute_input[0], ns=stats.compute_input[1]),
             compute_infer=duration(count=stats.compute[0], ns=stats.compute[1]),
+            compute_output=duration(count=stats.compute_output[0], ns=stats.compute_output[1]),
         ),
         batch_stats=[
-            pb.InferBatchStatistics(batch_size=size, compute_infer=duration(count=count, ns=ns))
-            for size, (count, ns) in sorted(stats.batches.items())
+            pb.InferBatchStatistics(
+                batch_size=size,
+                compute_input=duration(count=count, ns=input_ns),
+                compute_infer=duration(count=count, ns=infer_ns),
+                compute_output=duration(count=count, ns=output_ns),
+            )
+            for size, (count, input_ns, infer_ns, output_ns) in sorted(stats.batches.items())
         ],
     )

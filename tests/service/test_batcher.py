@@ -203,3 +203,36 @@ def test_small_batches_can_run_on_the_loop_with_the_same_answers() -> None:
         return threads
 
     assert asyncio.run(scenario()) == [True, False]  # 2 images inline, 4 in the pool
+
+
+def test_statistics_count_each_request_in_every_part_as_triton_does() -> None:
+    from service.core import Stats
+    from service.engine.core import record_batch
+
+    stats = Stats()
+    report = BatchReport(size=4, queue_s=[0.001, 0.002, 0.003], compute_s=0.010, ok=True,
+                         input_s=0.0001, output_s=0.0002)  # fmt: skip
+    record_batch(stats, report)
+    record_batch(stats, BatchReport(size=1, queue_s=[0.0], compute_s=0.004, ok=True))
+    assert (stats.execution_count, stats.inference_count) == (2, 5)
+    # three requests, then one: every part counts 4, each request with its batch's duration
+    assert stats.queue == [4, 6_000_000]
+    assert stats.compute_input == [4, 300_000]
+    assert stats.compute == [4, 3 * 10_000_000 + 4_000_000]
+    assert stats.compute_output == [4, 600_000]
+    # per executed batch size: [batches, input ns, infer ns, output ns]
+    assert stats.batches == {4: [1, 100_000, 10_000_000, 200_000], 1: [1, 0, 4_000_000, 0]}
+    assert Stats.from_dict(stats.to_dict()) == stats  # across the engine's channel
+
+
+def test_a_batch_report_times_merging_and_splitting() -> None:
+    async def scenario() -> list[BatchReport]:
+        batcher, reports = make(doubling, max_batch=8, delay_s=0.05)
+        batcher.start()
+        await asyncio.gather(*(batcher.submit(images(2, v)) for v in range(4)))
+        await batcher.close()
+        return reports
+
+    (report,) = asyncio.run(scenario())
+    assert report.size == 8 and len(report.queue_s) == 4
+    assert report.input_s > 0 and report.output_s > 0 and report.compute_s > 0
