@@ -71,7 +71,8 @@ class Result:
 
 
 def _have_libb64() -> bool:
-    return any(Path(d).glob("libb64.so.0*") for d in ("/usr/lib/x86_64-linux-gnu", "/usr/lib"))
+    folders = ("/usr/lib/x86_64-linux-gnu", "/usr/lib")
+    return any(next(Path(d).glob("libb64.so.0*"), None) for d in folders)  # a glob is truthy
 
 
 def _pip() -> list[str]:

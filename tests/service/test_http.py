@@ -465,6 +465,14 @@ def test_rest_and_grpc_requests_share_a_batch(repository: Path, sample_images):
         assert (stats["inference_count"], stats["execution_count"]) == (2, 1)
         batches = stats["batch_stats"]
         assert [(b["batch_size"], b["compute_infer"]["count"]) for b in batches] == [(2, 1)]
+        assert batches[0]["compute_input"]["count"] == batches[0]["compute_output"]["count"] == 1
+        # Triton's meaning: each of the two requests counts once in every part (perf_analyzer
+        # stops when these differ), with the batch's whole duration
+        parts = stats["inference_stats"]
+        counts = {p: parts[p]["count"] for p in ("queue", "compute_input", "compute_infer",
+                                                  "compute_output")}  # fmt: skip
+        assert counts == dict.fromkeys(counts, 2)
+        assert parts["compute_infer"]["ns"] == 2 * batches[0]["compute_infer"]["ns"]
         counted = scrape(served)["cnn_serving_requests"]
         apis = {s.labels["api"] for s in counted if s.name.endswith("_total") and s.value}
         assert {"http.v2", "inference.v2"} <= apis

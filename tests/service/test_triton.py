@@ -71,6 +71,9 @@ def test_tritonclient_works_unchanged(
     assert stats["name"] == MODEL and stats["version"] == "1"
     assert int(stats["inference_count"]) >= 8 and int(stats["execution_count"]) >= 2
     assert int(stats["inference_stats"]["success"]["count"]) >= 2
+    parts = stats["inference_stats"]
+    counts = {int(parts[p]["count"]) for p in ("compute_input", "compute_infer", "compute_output")}
+    assert len(counts) == 1 and counts.pop() >= 2  # what perf_analyzer requires at its end
 
 
 def metadata_labels(repository: Path) -> list[str]:
