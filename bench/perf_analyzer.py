@@ -11,11 +11,12 @@ Debian's libb64-0d (apt-get; the one system package). run() starts
     perf_analyzer -m MODEL -u URL -i grpc --concurrency-range C -b B --shape NAME:H,W,C
                   -p INTERVAL_MS --stability-percentage 25 --max-trials T -f CSV
 
-and returns images/s (perf_analyzer's infer/sec: one inference is one image) and its client-side
-p50/p90/p95/p99 latencies in ms. Against cnn-serving perf_analyzer aborts at its very end with
-"Server side statistics compute counts must be the same" (it checks ModelStatistics after the
-measurement), before writing the CSV; that is not fatal when its "Client:" block was printed: the
-numbers are then read from stdout, and the result says `aborted`.
+and returns images/s (perf_analyzer's infer/sec: one inference is one image), its client-side
+p50/p90/p95/p99 latencies in ms, and the server's own breakdown of a request that it reads from
+ModelStatistics (overhead, queue, compute input / infer / output; its "Server:" block). Before
+cnn-serving's statistics had Triton's meaning, perf_analyzer aborted at its very end with
+"Server side statistics compute counts must be the same"; a run that still aborts after its
+"Client:" block is read from stdout and says `aborted`.
 """
 
 from __future__ import annotations
@@ -65,6 +66,13 @@ class Result:
     returncode: int
     error: str | None = None  # the last stderr/stdout lines when there are no numbers
     wall_s: float = 0.0  # the whole run: connection, every trial, the final check
+    # The server's view, per request, from its ModelStatistics ("Server:" block), in ms:
+    server_ms: float | None = None  # average request latency inside the server
+    overhead_ms: float | None = None  # what no statistics part covers (decoding, transport)
+    queue_ms: float | None = None
+    compute_input_ms: float | None = None
+    compute_infer_ms: float | None = None
+    compute_output_ms: float | None = None
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -161,6 +169,24 @@ def parse_stdout(text: str) -> dict[str, float]:
     return found if "images_per_s" in found else {}
 
 
+_SERVER = re.compile(
+    r"Avg request latency: (\d+) usec \(overhead (\d+) usec \+ queue (\d+) usec \+ "
+    r"compute input (\d+) usec \+ compute infer (\d+) usec \+ compute output (\d+) usec\)"
+)
+SERVER_FIELDS = (
+    "server_ms", "overhead_ms", "queue_ms", "compute_input_ms", "compute_infer_ms",
+    "compute_output_ms",
+)  # fmt: skip
+
+
+def parse_server(text: str) -> dict[str, float]:
+    """The server-side breakdown of the last "Server:" block, in ms; {} without one."""
+    found = _SERVER.findall(text)
+    return (
+        {k: float(v) * 1e-3 for k, v in zip(SERVER_FIELDS, found[-1], strict=True)} if found else {}
+    )
+
+
 def parse_csv(path: Path) -> dict[str, float]:
     """The numbers of the last row of perf_analyzer's -f CSV; {} when it is missing or empty."""
     if not path.is_file():
@@ -213,7 +239,7 @@ def run(
     values = {k: numbers.get(k) for k in _CLIENT}
     return Result(
         **values, aborted=returncode != 0, source=source, returncode=returncode,
-        error=error, wall_s=wall_s,
+        error=error, wall_s=wall_s, **parse_server(out),
     )  # fmt: skip
 
 

@@ -94,7 +94,7 @@ CLOSED = {"single-1": (1, 1), "single-8": (8, 1), "single-64": (64, 1), "batch32
 OPEN = "open-loop"
 WARMUP_S = 1.0
 MAX_MESSAGE_BYTES = 64 * 1024 * 1024
-PERF_ANALYZER_SCENARIOS = ("single-64", "batch32-8")
+PERF_ANALYZER_SCENARIOS = ("single-1", "single-8", "single-64", "batch32-8")  # the sweep
 LOADS = ("python", "perf-analyzer")
 PROTOCOLS = ("grpc", "http", "both")
 HTTP_SCENARIOS = ("single-64", "batch32-8")
@@ -633,6 +633,12 @@ class PaRow:
     source: str  # where the numbers came from: csv, stdout or none
     cpu_basis: str  # images the CPU is divided by: "server histogram" or "client rate x wall"
     error: str | None = None
+    # perf_analyzer's server-side breakdown of a request (ModelStatistics), ms
+    queue_ms: float | None = None
+    compute_input_ms: float | None = None
+    compute_infer_ms: float | None = None
+    compute_output_ms: float | None = None
+    overhead_ms: float | None = None
 
 
 def bench_model_pa(
@@ -684,6 +690,11 @@ def bench_model_pa(
                     source=result.source,
                     cpu_basis=basis,
                     error=result.error,
+                    queue_ms=result.queue_ms,
+                    compute_input_ms=result.compute_input_ms,
+                    compute_infer_ms=result.compute_infer_ms,
+                    compute_output_ms=result.compute_output_ms,
+                    overhead_ms=result.overhead_ms,
                 )
             )
     finally:
@@ -695,7 +706,8 @@ def bench_model_pa(
 
 PA_HEAD = (
     "model | frontends | scenario | clients x images | images/s | p50 ms | p95 ms | p99 ms | "
-    "server p99 ms | server CPU us/img | mean batch | server processes | perf_analyzer cores"
+    "server p99 ms | server CPU us/img | mean batch | server processes | perf_analyzer cores | "
+    "server: queue / input / infer / output / overhead ms"
 )
 
 
@@ -712,6 +724,8 @@ def pa_table(rows: list[PaRow]) -> str:
         cells += [_num(v, 2) for v in (r.p50_ms, r.p95_ms, r.p99_ms, r.server_p99_ms)]
         cells += [_num(r.server_cpu_us, 0), _num(r.mean_batch, 2), str(r.server_processes)]
         cells += [_num(r.load_cores, 2)]
+        parts = (r.queue_ms, r.compute_input_ms, r.compute_infer_ms, r.compute_output_ms)
+        cells += [" / ".join(_num(v, 3) for v in (*parts, r.overhead_ms))]
         lines.append("| " + " | ".join(cells) + " |")
     single = {(r.model, r.scenario): r for r in rows if r.frontends == "0"}
     for r in rows:
@@ -723,7 +737,7 @@ def pa_table(rows: list[PaRow]) -> str:
         pairs = [(r.p50_ms, base.p50_ms), (r.p95_ms, base.p95_ms), (r.p99_ms, base.p99_ms)]
         pairs += [(r.server_p99_ms, base.server_p99_ms), (r.server_cpu_us, base.server_cpu_us)]
         pairs += [(r.mean_batch, base.mean_batch)]
-        cells += [_over(a, b) for a, b in pairs] + ["", ""]
+        cells += [_over(a, b) for a, b in pairs] + ["", "", ""]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
