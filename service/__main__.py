@@ -235,6 +235,22 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
         default="INFO",
         choices=("DEBUG", "INFO", "WARNING", "ERROR"),
     )
+    add_option(
+        p,
+        "--log-format",
+        "text: one readable line per event; json: one JSON object per line (time, level, "
+        "logger, process, message, and model/version/api/code where they apply), for log "
+        "shippers",
+        default="text",
+        choices=("text", "json"),
+    )
+    add_option(
+        p,
+        "--log-requests",
+        "also log one line per answered request (model, version, api, method, code, images, "
+        "duration); off, the request path does no logging work",
+        action="store_true",
+    )
 
 
 def _classify_parser(sub: argparse._SubParsersAction) -> None:
@@ -331,12 +347,12 @@ def run_serve(args: argparse.Namespace) -> int:
     if config.frontends == 0:
         from service.server import serve  # noqa: PLC0415
 
-        configure(config.log_level)
+        configure(config.log_level, fmt=config.log_format)
         asyncio.run(serve(config))
     else:
         from service.supervisor import supervise  # noqa: PLC0415
 
-        configure(config.log_level, "supervisor")
+        configure(config.log_level, "supervisor", config.log_format)
         asyncio.run(supervise(config))
     return 0
 

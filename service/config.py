@@ -52,10 +52,13 @@ class ServeConfig:
     # themselves: where the engine serves it (the page at / links to it). -1: nowhere.
     engine_metrics_port: int = -1
     log_level: str = "INFO"
+    log_format: str = "text"  # or json: one object per line
+    log_requests: bool = False  # one log line per answered request
 
     def __post_init__(self) -> None:
         checks = [
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
+            (self.log_format in ("text", "json"), "--log-format must be text or json"),
             (0 <= self.frontends <= 256, "--frontends must be 0-256 (0: a single process)"),
             (self.frontend_shm_mib >= 1, "--frontend-shm-mib must be at least 1"),
             (0 <= self.grpc_port <= 65535, "--grpc-port must be 0-65535 (0: pick a free port)"),

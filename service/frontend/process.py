@@ -45,7 +45,8 @@ async def serve(args: argparse.Namespace) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    configure_logging(ServeConfig.from_json(args.config).log_level, f"frontend-{args.index}")
+    config = ServeConfig.from_json(args.config)
+    configure_logging(config.log_level, f"frontend-{args.index}", config.log_format)
     return child_main(lambda: serve(args), args.link_fd)
 
 

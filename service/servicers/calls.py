@@ -25,6 +25,7 @@ from service.errors import Code, InvalidInput, ServingError, Unavailable, shorte
 from service.servicers import wire
 
 log = logging.getLogger(__name__)
+requests_log = logging.getLogger("service.requests")  # --log-requests
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
@@ -162,6 +163,7 @@ class Calls:
         self._idle = asyncio.Event()
         self._idle.set()
         self._expired: dict[tuple[str, str], Any] = {}  # (api, method) -> counter child
+        self.log_requests = engine.config.log_requests  # --log-requests: a line per request
 
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no RPC is in flight; False when `timeout_s` passed first."""
@@ -229,6 +231,15 @@ class Calls:
         series[2].observe(elapsed)
         if call.images and call.target is not None:
             self.engine.record_request(call.target, code == Code.OK, elapsed)
+        if self.log_requests:
+            target = f"{call.model} v{call.version}" if call.model else "(no model)"
+            requests_log.info(
+                "%s %s %s: %s, %d images, %.2f ms",
+                call.api, call.method, target, code.name, call.images, elapsed * 1000,
+                extra={"model": call.model, "version": call.version, "api": call.api,
+                       "method": call.method, "code": code.name, "images": call.images,
+                       "duration_ms": round(elapsed * 1000, 3)},
+            )  # fmt: skip
 
 
 async def abort(context: grpc.aio.ServicerContext, exc: BaseException, call: Call) -> None:
