@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Iterator, Sequence
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from prometheus_client import PlatformCollector, ProcessCollector
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
@@ -28,6 +30,7 @@ from service.config import ServeConfig
 from service.core import Core, Model, Outputs, Stats, _add
 from service.errors import ConfigError, ModelLoadError
 from service.metrics import Metrics
+from service.process_metrics import Processes, ServerProcesses, gpu_collector
 from service.repository import ModelSpec
 from service.runtime import Runtime, Session
 
@@ -115,6 +118,15 @@ class Engine(Core):
         self.found: set[str] = set()  # the model names of the last repository scan
         self._stopping = threading.Event()  # tells a warm-up in the loader thread to give up
         self.metrics.add_live(LiveGauges(self))
+        # Which processes serve with this engine: set by the engine process for its front
+        # ends (service.engine.host); alone, this one.
+        self.processes: Processes = lambda: [("server", os.getpid())]
+        self.metrics.add_live(ServerProcesses(lambda: self.processes()))
+        self.metrics.add_live(ProcessCollector(registry=None))
+        self.metrics.add_live(PlatformCollector(registry=None))
+        gpus = gpu_collector()
+        if gpus is not None:
+            self.metrics.add_live(gpus)
 
     # ---- lifecycle
 

@@ -62,6 +62,11 @@ class EngineHost:
         self._peers: dict[Channel, Peer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._broadcast_armed = False
+        engine.processes = self._processes  # the process metrics cover the front ends too
+
+    def _processes(self) -> list[tuple[str, int]]:
+        peers = sorted(peer.pid for peer in self._peers.values() if peer.pid)
+        return [("engine", os.getpid()), *(("frontend", pid) for pid in peers)]
 
     async def start(self) -> None:
         await self.engine.start()
