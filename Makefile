@@ -13,7 +13,7 @@ DEMO_MODEL  ?= fashion
 DEMO_EPOCHS ?= 3
 DEMO_PORT   ?= 18001
 
-.PHONY: install test lint format protos demo demo-serve demo-score demo-data prometheus-tools browser clean
+.PHONY: install test lint format protos demo demo-serve demo-score demo-data prometheus-tools browser perf-analyzer clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-test: install prometheus-tools browser
+test: install prometheus-tools browser perf-analyzer
 	$(BIN)/python -m pytest
 
 lint: install
@@ -73,6 +73,12 @@ browser:
 	else \
 	  echo "NOTE: chromium/chromedriver missing (not root or no apt): the browser test skips"; \
 	fi
+
+# Triton's perf_analyzer (C++, from the tritonclient 2.50 wheel; libcudart from PyPI, Debian's
+# libb64-0d) into build/perf_analyzer for its test; where it cannot be fetched the test skips.
+perf-analyzer: install
+	@mkdir -p build; $(BIN)/python bench/perf_analyzer.py --fetch-only >/dev/null 2>build/perf-analyzer-fetch.log \
+	  || echo "NOTE: could not fetch perf_analyzer (build/perf-analyzer-fetch.log): its test skips"
 
 demo: install demo-data
 	@if [ -d $(DEBIAN_FASHION_MNIST) ]; then data=$(DEBIAN_FASHION_MNIST); \
