@@ -100,7 +100,7 @@ demo-serve: install
 	  --per-class 1 > /dev/null; \
 	echo "starting the server on 127.0.0.1:$(DEMO_PORT) (log: $(DEMO_RUN).serve.log) ..."; \
 	$(BIN)/python -m service serve --repository $(DEMO_REPO) --host 127.0.0.1 \
-	  --grpc-port $(DEMO_PORT) --metrics-port -1 --poll-interval-s 0 2> $(DEMO_RUN).serve.log & \
+	  --grpc-port $(DEMO_PORT) --http-port -1 --metrics-port -1 --poll-interval-s 0 2> $(DEMO_RUN).serve.log & \
 	pid=$$!; trap 'kill -TERM $$pid 2>/dev/null; wait $$pid' EXIT; \
 	$(BIN)/python -m service health --server 127.0.0.1:$(DEMO_PORT) --wait-s 60 > /dev/null; \
 	echo "classifying one test image per class (folder = true label) over gRPC:"; \

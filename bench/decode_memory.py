@@ -149,6 +149,7 @@ class Server:
         start = ["-m", "service"] if scenario.trim else ["-c", NO_TRIM]
         command = [sys.executable, *start, "serve", "--repository", self._view.name]
         command += ["--frontends", "0", "--grpc-port", "0", "--metrics-port", "-1"]
+        command += ["--http-port", "-1"]
         command += ["--host", "127.0.0.1", "--device", "cpu", "--poll-interval-s", "0"]
         command += list(scenario.options)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_SERVING_")}

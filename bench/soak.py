@@ -104,6 +104,7 @@ class Server:
     def __init__(self, repo: Path, args: argparse.Namespace) -> None:
         command = [sys.executable, "-m", "service", "serve", "--repository", str(repo),
                    "--host", "127.0.0.1", "--grpc-port", "0", "--metrics-port", "0",
+                   "--http-port", "0",
                    "--device", args.device, "--frontends", str(args.frontends),
                    "--poll-interval-s", str(args.poll_interval_s)]  # fmt: skip
         env = {k: v for k, v in os.environ.items() if not k.startswith("CNN_SERVING_")}

@@ -302,7 +302,8 @@ def test_an_engine_that_cannot_start_is_one_line_and_exit_2(repository: Path):
 
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--repository", str(repository),
-         "--frontends", "2", "--device", "cuda", "--grpc-port", "0", "--metrics-port", "-1"],
+         "--frontends", "2", "--device", "cuda", "--grpc-port", "0", "--http-port", "0",
+         "--metrics-port", "-1"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]

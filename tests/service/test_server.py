@@ -464,7 +464,7 @@ def test_device_cuda_without_gpu_stops_the_server(repository: Path):
         pytest.skip("this machine has a working CUDA provider")
     done = subprocess.run(
         [sys.executable, "-m", "service", "serve", "--repository", str(repository),
-         "--grpc-port", "0", "--metrics-port", "-1", "--device", "cuda"],
+         "--grpc-port", "0", "--http-port", "0", "--metrics-port", "-1", "--device", "cuda"],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 2
