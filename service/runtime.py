@@ -11,10 +11,11 @@ providers a session really uses are read back with `session.get_providers()`:
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import onnxruntime as ort
@@ -25,6 +26,21 @@ from service.repository import OUTPUT_NAMES, ModelSpec
 log = logging.getLogger(__name__)
 
 CUDA = "CUDAExecutionProvider"
+ORT_DEFAULT_SEVERITY = 2  # onnxruntime's default logger: warnings and above
+
+
+@contextlib.contextmanager
+def quiet_provider_bridge() -> Iterator[None]:
+    """Without a usable CUDA, onnxruntime's default logger prints two ANSI-coloured lines
+    (provider_bridge_ort.cc, "Failed to create CUDAExecutionProvider") straight to stderr,
+    outside logging; while the first session probes CUDA only fatal ones get through."""
+    ort.set_default_logger_severity(4)
+    try:
+        yield
+    finally:
+        ort.set_default_logger_severity(ORT_DEFAULT_SEVERITY)
+
+
 CPU = "CPUExecutionProvider"
 
 
@@ -152,7 +168,11 @@ class Runtime:
         """A session for `spec`; raises ModelLoadError (and ConfigError for `--device cuda`
         without a working CUDA provider)."""
         with self._lock:  # the first session decides whether CUDA works
-            session = Session(spec, self.providers(), self.intra_op_threads)
+            if self._cuda_works is None:  # the probe: our own line says how it went
+                with quiet_provider_bridge():
+                    session = Session(spec, self.providers(), self.intra_op_threads)
+            else:
+                session = Session(spec, self.providers(), self.intra_op_threads)
             if self.device != "cpu" and not session.on_cuda:
                 if self.device == "cuda":
                     raise ConfigError(

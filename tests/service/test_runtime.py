@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ import pytest
 from service.errors import ConfigError, ModelLoadError
 from service.repository import read_spec, scan
 from service.runtime import CPU, CUDA, Runtime, Session
-from tests.conftest import MODEL, reference
+from tests.conftest import MODEL, ROOT, png, reference
 
 
 def cuda_really_works(repo: Path) -> bool:
@@ -60,6 +62,27 @@ def test_device_auto_says_it_runs_on_the_cpu(repository: Path, caplog) -> None:
     assert session.providers == (CPU,) and not session.on_cuda
     assert "running on the CPU" in caplog.text
     assert runtime.providers() == [CPU]  # later sessions do not try CUDA again
+
+
+@pytest.mark.parametrize(("device", "status", "line"), [
+    ("auto", 0, "--device auto: CUDA is not usable here"),
+    ("cuda", 2, "error: --device cuda: onnxruntime's CUDAExecutionProvider did not load"),
+])  # fmt: skip
+def test_a_cpu_only_machine_says_it_in_one_line(repository: Path, tmp_path: Path, device,
+                                                status, line) -> None:  # fmt: skip
+    """Our one line, and not onnxruntime's two coloured provider-bridge lines."""
+    if cuda_really_works(repository):
+        pytest.skip("this machine has a working CUDA provider")
+    image = tmp_path / "x.png"
+    image.write_bytes(png(np.zeros((28, 28, 1), np.uint8)))
+    done = subprocess.run(
+        [sys.executable, "-m", "service", "classify", "--repository", str(repository),
+         "--model", MODEL, "--device", device, str(image)],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert done.returncode == status, done.stderr
+    assert done.stderr.splitlines() == [next(x for x in done.stderr.splitlines() if line in x)]
+    assert "onnxruntime:" not in done.stderr and "\x1b[" not in done.stderr
 
 
 def test_scan_ignores_staging_and_non_numeric_folders(private_repo: Path) -> None:
