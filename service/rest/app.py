@@ -31,7 +31,7 @@ from service.errors import ConfigError
 from service.rest import v1, v2
 from service.rest.calls import HttpCalls
 from service.rest.fast import App, FastInfer
-from service.rest.protocol import GuardedHttpTools
+from service.rest.protocol import guarded
 from service.rest.status import json_response
 from service.servicers.calls import Calls
 
@@ -124,10 +124,9 @@ class HttpServer:
 
     def __init__(self, app: App, config: ServeConfig) -> None:
         tls = config.tls_cert is not None
-        GuardedHttpTools.head_timeout_s = config.http_body_timeout_s
         self._config = uvicorn.Config(
             app,
-            http=GuardedHttpTools,  # httptools, with head limits (rest/protocol.py)
+            http=guarded(config.http_body_timeout_s),  # httptools with head limits (protocol.py)
             limit_concurrency=config.http_max_connections,
             lifespan="off",
             access_log=False,

@@ -28,8 +28,8 @@ class HeadTooLarge(Exception):
 
 
 class GuardedHttpTools(HttpToolsProtocol):
-    """Configured through uvicorn.Config(http=GuardedHttpTools); `head_timeout_s` is set on
-    the class by the server (uvicorn builds one protocol per connection)."""
+    """uvicorn builds one protocol per connection from the class it is given: `guarded(s)`
+    makes the class for a head timeout of `s` seconds."""
 
     head_timeout_s = 30.0
     _head_bytes = 0
@@ -73,3 +73,8 @@ class GuardedHttpTools(HttpToolsProtocol):
         if not transport.is_closing():
             transport.write(TIMEOUT_408)  # no response has begun: the head never completed
             transport.close()
+
+
+def guarded(head_timeout_s: float) -> type[GuardedHttpTools]:
+    """The protocol class for one server (a subclass, so that no server changes another's)."""
+    return type("GuardedHttpTools", (GuardedHttpTools,), {"head_timeout_s": head_timeout_s})
