@@ -25,7 +25,14 @@ from typing import Any
 
 from service import bottleneck_map
 from service.cli import ENV_PREFIX, add_option, connection_options, make_client
-from service.config import DECODE_BUDGET_MIB, DEVICES, MAX_IMAGE_PIXELS, MiB, ServeConfig
+from service.config import (
+    CONTROL_MODES,
+    DECODE_BUDGET_MIB,
+    DEVICES,
+    MAX_IMAGE_PIXELS,
+    MiB,
+    ServeConfig,
+)
 from service.cpus import available_cpus
 from service.errors import ServingError
 from service.predictions import Prediction
@@ -118,9 +125,40 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--poll-interval-s",
-        "seconds between repository scans for new or removed versions; 0: scan once at start",
+        "with --model-control-mode poll: seconds between repository scans for new or "
+        "removed versions; 0: scan once at start",
         type=float,
         default=5.0,
+    )
+    add_option(
+        p,
+        "--model-control-mode",
+        "poll: load every model in the repository and follow it (new versions load, removed "
+        "ones unload); explicit: load only --load-model at start, then what "
+        "RepositoryModelLoad/Unload (Triton's repository API, gRPC and HTTP) ask; none: load "
+        "every model once and never change",
+        choices=CONTROL_MODES,
+        default="poll",
+    )
+    add_option(
+        p,
+        "--load-model",
+        "with --model-control-mode explicit: a model to load at start (repeat the option, or "
+        "comma-separate names in the variable; '*': every model)",
+        action="append",
+        dest="load_models",
+        metavar="NAME",
+        default=[],
+    )
+    add_option(
+        p,
+        "--version-policy",
+        "which versions of each model to serve, applied on every scan and load: all; "
+        "latest:N (the N highest that load: a broken new version leaves the last good one "
+        "serving); specific:V[,V...]. A version that falls out of the policy drains, then "
+        "unloads",
+        metavar="POLICY",
+        default="all",
     )
     add_option(
         p,

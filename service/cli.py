@@ -29,6 +29,8 @@ def add_option(parser: argparse._ActionsContainer, flag: str, help: str, **kwarg
             if value.lower() not in TRUE + FALSE:
                 env_error(f"{env}={value!r}: use one of {', '.join(TRUE + FALSE[:-1])}")
             value = value.lower() in TRUE  # type: ignore[assignment]
+        elif kwargs.get("action") == "append":  # a list: comma-separated
+            value = [part.strip() for part in value.split(",") if part.strip()]  # type: ignore[assignment]
         elif "choices" in kwargs and value not in kwargs["choices"]:
             env_error(f"{env}={value!r}: choose from {', '.join(kwargs['choices'])}")
         kwargs["default"] = value  # argparse converts a string with `type`

@@ -10,8 +10,12 @@ from pathlib import Path
 from typing import Any
 
 from service.errors import ConfigError
+from service.repository import VersionPolicy
 
 DEVICES = ("auto", "cuda", "cpu")
+# Triton's names: poll the repository (load what appears, unload what goes), load only what
+# --load-model and RepositoryModelLoad name, or load everything once and change nothing.
+CONTROL_MODES = ("poll", "explicit", "none")
 MiB = 1024 * 1024
 # 16 MP: a 4000x4000 picture or any 12 MP photo, for models that read 28x28 or 32x32 pixels;
 # decoding one costs up to 61 MiB (RGB PNG) or 244 MiB (lossless WebP), so every image it
@@ -33,6 +37,9 @@ class ServeConfig:
     max_queue_size: int = 1024  # images waiting per model version
     intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
     poll_interval_s: float = 5.0  # 0: load the repository once, never poll
+    model_control_mode: str = "poll"  # CONTROL_MODES
+    load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)
+    version_policy: str = "all"  # VersionPolicy: all, latest:N, specific:V,V
     max_image_pixels: int = MAX_IMAGE_PIXELS
     decode_budget_mib: int = DECODE_BUDGET_MIB  # decoded pixels in flight per process
     decode_threads: int = 0  # per process; 0: one per CPU the process may use
@@ -69,6 +76,15 @@ class ServeConfig:
             (self.max_queue_size >= 1, "--max-queue-size must be at least 1"),
             (self.intra_op_threads >= 0, "--intra-op-threads must be >= 0"),
             (self.poll_interval_s >= 0, "--poll-interval-s must be >= 0"),
+            (
+                self.model_control_mode in CONTROL_MODES,
+                f"--model-control-mode must be one of {', '.join(CONTROL_MODES)}",
+            ),
+            (
+                not self.load_models or self.model_control_mode == "explicit",
+                "--load-model needs --model-control-mode explicit (the other modes load "
+                "every model in the repository)",
+            ),
             (self.max_image_pixels >= 1, "--max-image-pixels must be at least 1"),
             (self.decode_budget_mib >= 1, "--decode-budget-mib must be at least 1 (MiB)"),
             (0 <= self.decode_threads <= 1024, "--decode-threads must be 0-1024 (0: one per CPU)"),
@@ -90,6 +106,12 @@ class ServeConfig:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
+        VersionPolicy.parse(self.version_policy)  # ConfigError saying what is wrong
+        object.__setattr__(self, "load_models", tuple(self.load_models))  # from JSON or a list
+
+    @property
+    def versions(self) -> VersionPolicy:
+        return VersionPolicy.parse(self.version_policy)
 
     def to_json(self) -> str:
         """For a child process (`from_json`)."""

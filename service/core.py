@@ -83,6 +83,21 @@ class Stats:
         return cls(**{**values, "batches": batches})
 
 
+@dataclass(frozen=True)
+class IndexEntry:
+    """One line of the repository index (Triton's RepositoryIndex): a model version on disk
+    (version "" for a model with none) and its state: READY, LOADING, UNLOADING or
+    UNAVAILABLE, with the reason when it is not READY."""
+
+    name: str
+    version: str
+    state: str
+    reason: str = ""
+
+    def to_dict(self) -> dict[str, str]:
+        return asdict(self)
+
+
 def _add(pair: list[int], ns: int) -> None:
     pair[0] += 1
     pair[1] += ns
@@ -141,6 +156,22 @@ class Core:
 
     def record_request(self, model: Model, ok: bool, seconds: float) -> None:
         """One finished inference request of `model`, for its statistics."""
+        raise NotImplementedError
+
+    # ---- model control (Triton's model repository extension)
+
+    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        """Every model version in the repository and its state (only READY ones if asked)."""
+        raise NotImplementedError
+
+    async def load_model(self, name: str) -> None:
+        """Load (or reload) `name`'s versions under the version policy; returns once they
+        are warm and taking traffic. Only with --model-control-mode explicit."""
+        raise NotImplementedError
+
+    async def unload_model(self, name: str) -> None:
+        """Stop serving `name`: new requests are refused at once, queued ones finish, then its
+        sessions are freed. Only with --model-control-mode explicit."""
         raise NotImplementedError
 
     # ---- model changes

@@ -89,6 +89,13 @@ class ModelLoadError(ServingError):
     code = Code.FAILED_PRECONDITION
 
 
+class ControlRefused(ServingError):
+    """A model load or unload asked of a server whose --model-control-mode does not take
+    them (poll or none)."""
+
+    code = Code.FAILED_PRECONDITION
+
+
 class ScoringError(ServingError):
     """A directory scoring job cannot go on: its output belongs to another job, the server
     stays unreachable, an optional engine is not installed. Rows written so far are kept."""

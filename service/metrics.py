@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 from wsgiref.simple_server import WSGIServer
@@ -50,7 +51,10 @@ BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 256)
 
 def _remove(metric: Counter | Histogram, labels: tuple[str, ...]) -> None:
     try:
-        metric.remove(*labels)
+        with warnings.catch_warnings():
+            # multiprocess mode: it keeps the files' series (said in Metrics.forget) and warns
+            warnings.filterwarnings("ignore", "Removal of labels", UserWarning)
+            metric.remove(*labels)
     except KeyError:  # never created in this process
         pass
 

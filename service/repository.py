@@ -133,3 +133,46 @@ def read_spec(repository: Path, name: str, version: int) -> ModelSpec:
     if spec_in.get("dtype", "uint8") != "uint8" or spec_in.get("layout", "NHWC") != "NHWC":
         raise ModelLoadError(f"{where}: input must be uint8 NHWC, metadata says {spec_in}")
     return spec
+
+
+@dataclass(frozen=True)
+class VersionPolicy:
+    """Which versions of each model are served (`--version-policy`, Triton's three policies):
+    `all`, `latest:N` (the N highest that load: a broken new version leaves the last good one
+    serving) or `specific:V,V,...`."""
+
+    kind: str  # "all", "latest" or "specific"
+    count: int = 0  # latest:N
+    versions: frozenset[int] = frozenset()  # specific:V,...
+
+    @classmethod
+    def parse(cls, text: str) -> VersionPolicy:
+        """`all`, `latest:N` (N >= 1) or `specific:V[,V...]`; raises ConfigError."""
+        kind, _, rest = text.strip().partition(":")
+        if kind == "all" and not rest:
+            return cls("all")
+        if kind == "latest" and (count := parse_version(rest)) is not None:
+            return cls("latest", count=count)
+        if kind == "specific" and rest:
+            versions = [parse_version(part.strip()) for part in rest.split(",")]
+            if None not in versions:
+                return cls("specific", versions=frozenset(v for v in versions if v))
+        raise ConfigError(
+            f"--version-policy {text!r}: use all, latest:N (N >= 1) or specific:V[,V...] "
+            "(versions are positive integers)"
+        )
+
+    def select(self, versions: list[int]) -> list[int]:
+        """The versions of `versions` (ascending) this policy serves, ascending."""
+        if self.kind == "latest":
+            return versions[-self.count :]
+        if self.kind == "specific":
+            return [v for v in versions if v in self.versions]
+        return list(versions)
+
+    def __str__(self) -> str:
+        if self.kind == "latest":
+            return f"latest:{self.count}"
+        if self.kind == "specific":
+            return "specific:" + ",".join(map(str, sorted(self.versions)))
+        return "all"

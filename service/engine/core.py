@@ -27,8 +27,9 @@ from prometheus_client.registry import Collector
 from service import memory, repository
 from service.batcher import Batcher, BatchReport
 from service.config import ServeConfig
-from service.core import Core, Model, Outputs, Stats, _add
-from service.errors import ConfigError, ModelLoadError
+from service.core import Core, IndexEntry, Model, Outputs, Stats, _add
+from service.engine import control
+from service.errors import ConfigError, ControlRefused, ModelLoadError, ModelNotFound, shorten
 from service.metrics import Metrics
 from service.process_metrics import Processes, ServerProcesses, gpu_collector
 from service.repository import ModelSpec
@@ -71,6 +72,7 @@ class LoadedModel(Model):
     session: Session
     batcher: Batcher
     stats: Stats
+    signature: tuple[int, ...] = ()  # of its files when loaded (a reload on request: changed?)
 
 
 class LiveGauges(Collector):
@@ -111,7 +113,12 @@ class Engine(Core):
     def __init__(self, config: ServeConfig, metrics: Metrics | None = None) -> None:
         super().__init__(config, metrics)
         self.runtime = Runtime(config.device, config.intra_op_threads)
-        self._failed: dict[tuple[str, int], tuple[int, ...]] = {}
+        self._failed: dict[tuple[str, int], tuple[tuple[int, ...], str]] = {}  # signature, why
+        self._changing: dict[tuple[str, int], str] = {}  # versions LOADING or UNLOADING now
+        self._control = asyncio.Lock()  # one change at a time: scans, loads, unloads
+        self._policy = config.versions
+        self._explicit: set[str] = set()  # explicit mode: the models loaded on request
+        self._on_disk: dict[str, list[int]] = {}
         self._compute = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
         self._poller: asyncio.Task[None] | None = None
@@ -131,11 +138,17 @@ class Engine(Core):
     # ---- lifecycle
 
     async def start(self) -> None:
-        """Load the repository once (ConfigError for an unusable --device cuda), then poll."""
-        await self.refresh()
+        """Load the repository once (ConfigError for an unusable --device cuda, or a
+        --load-model not in the repository), then poll (--model-control-mode poll)."""
+        async with self._control:
+            found = await self._scan()
+            if self.config.model_control_mode == "explicit":
+                repo = str(self.config.repository)
+                self._explicit = control.initial(self.config.load_models, found, repo)
+            await self._apply(found)
         self.ready = True
         self._notify("", True)
-        if self.config.poll_interval_s > 0:
+        if self.config.model_control_mode == "poll" and self.config.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="poll")
 
     async def stop(self) -> None:
@@ -163,32 +176,68 @@ class Engine(Core):
                 )
 
     async def refresh(self) -> None:
-        """Load versions that appeared, unload versions that disappeared."""
+        """Scan the repository and follow it: load versions that appeared or came into the
+        version policy, unload versions that disappeared or fell out of it."""
+        async with self._control:  # one change at a time: scans, loads, unloads
+            await self._apply(await self._scan())
+
+    async def _scan(self) -> dict[str, list[int]]:
         loop = asyncio.get_running_loop()
-        found = await loop.run_in_executor(self._loader, repository.scan, self.config.repository)
-        self.found = set(found)
-        for name, versions in found.items():
+        return await loop.run_in_executor(self._loader, repository.scan, self.config.repository)
+
+    async def _apply(self, found: dict[str, list[int]], only: str | None = None) -> None:
+        """Serve what `found` and the mode ask for (`only`: change that model alone)."""
+        self._on_disk = found
+        serving = control.active(self.config.model_control_mode, found, self._explicit)
+        self.found = set(serving)
+        for name in serving:
+            if only is not None and name != only:
+                continue
             if name not in self._models:
                 self._notify(name, False)  # known, not (yet) serving: health NOT_SERVING
-            for version in versions:
-                if version not in self._models.get(name, {}):
-                    await self._load(name, version)
-        for name in list(self._models):
-            for version in list(self._models[name]):
-                if version not in found.get(name, []):
-                    await self._unload(name, version)
+            chosen = await self._load_versions(name, found[name])
+            for version in self.versions(name):
+                if version not in chosen:
+                    gone = version not in found[name]
+                    why = "gone from the repository" if gone else f"out of {self._policy_text}"
+                    await self._unload(name, version, why)
+        for name in self.names():
+            if name not in serving and (only is None or name == only):
+                for version in self.versions(name):
+                    await self._unload(name, version, "gone from the repository")
 
-    async def _load(self, name: str, version: int) -> None:
+    async def _load_versions(self, name: str, versions: list[int]) -> list[int]:
+        """Load the versions the policy picks among those that load (a failed one is passed
+        over: latest:1 then keeps the last good version); returns the picked ones."""
+        candidates = [v for v in versions if not self._known_broken(name, v)]
+        while True:
+            chosen = self._policy.select(candidates)
+            missing = [v for v in chosen if v not in self._models.get(name, {})]
+            if not missing:
+                return chosen
+            for version in missing:
+                if not await self._load(name, version):
+                    candidates.remove(version)
+                    break
+
+    def _known_broken(self, name: str, version: int) -> bool:
+        """Failed before, with the same files (retried once they change)."""
+        failed = self._failed.get((name, version))
+        folder = self.config.repository / name / str(version)
+        return failed is not None and failed[0] == _signature(folder)
+
+    async def _load(self, name: str, version: int) -> bool:
         loop = asyncio.get_running_loop()
         signature = _signature(self.config.repository / name / str(version))
-        if self._failed.get((name, version)) == signature:
-            return  # already reported; retried when its files change
+        self._changing[(name, version)] = control.LOADING
         try:
             spec, session = await loop.run_in_executor(self._loader, self._open, name, version)
         except ModelLoadError as exc:
-            self._failed[(name, version)] = signature
+            self._failed[(name, version)] = (signature, str(exc))
             log.error("skipping %s", exc)
-            return
+            return False
+        finally:
+            self._changing.pop((name, version), None)
         self._failed.pop((name, version), None)
         stats = Stats()
         model = LoadedModel(
@@ -198,9 +247,10 @@ class Engine(Core):
             session,
             self._batcher(spec, session, stats),
             stats,
+            signature,
         )
         model.batcher.start()
-        self._models.setdefault(name, {})[version] = model
+        self._models.setdefault(name, {})[version] = model  # replaces the old one (a reload)
         log.info(
             "loaded model %r version %d on %s (batch of %d: %.1f ms; batches up to %d run on "
             "the event loop)",
@@ -212,6 +262,97 @@ class Engine(Core):
             model.batcher.inline_up_to,
         )
         self._notify(name, True)
+        return True
+
+    # ---- model control (Triton's model repository extension)
+
+    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        found = await self._scan()  # what is on disk now, not at the last scan
+        loaded = {name: self.versions(name) for name in self.names()}
+        failed = {key: message for key, (_, message) in self._failed.items()}
+        mode = self.config.model_control_mode
+        serving = self.found if mode == "none" else control.active(mode, found, self._explicit)
+        entries = control.index(found, serving, loaded, self._changing, failed, self._policy, mode)
+        return [e for e in entries if e.state == control.READY or not ready_only]
+
+    async def load_model(self, name: str) -> None:
+        self._check_control("load")
+        async with self._control:
+            found = await self._scan()
+            if name not in found:
+                raise ModelNotFound(self._no_such_model(name, found))
+            self._explicit.add(name)
+            for key in [key for key in self._failed if key[0] == name]:
+                del self._failed[key]  # asked again: try again, even with the same files
+            await self._apply(found, only=name)
+            kept = await self._reload_changed(name)
+        if not self.versions(name):
+            raise ModelLoadError(self._why_not_loaded(name, found[name]))
+        if kept:
+            raise ModelLoadError(
+                f"model {name!r}: reloading failed: {'; '.join(kept)}; what was loaded "
+                "before keeps serving"
+            )
+        log.info("model %r loaded on request: versions %s", name, self.versions(name))
+
+    async def _reload_changed(self, name: str) -> list[str]:
+        """Reload the loaded versions whose files changed on disk (Triton's reload): the new
+        session takes the traffic once warm, then the old one drains. A version that fails to
+        reload keeps serving its old files; returns why each failed."""
+        failures = []
+        for version, model in list(self._models.get(name, {}).items()):
+            old = self._loaded(model)
+            if _signature(self.config.repository / name / str(version)) == old.signature:
+                continue
+            if not await self._load(name, version):
+                failures.append(self._failed[(name, version)][1])
+                continue
+            log.info("reloaded model %r version %d: draining the old session", name, version)
+            await old.batcher.close()
+        return failures
+
+    async def unload_model(self, name: str) -> None:
+        self._check_control("unload")
+        async with self._control:
+            if name not in self._explicit and name not in self._models:
+                found = await self._scan()
+                if name not in found:
+                    raise ModelNotFound(self._no_such_model(name, found))
+                return  # not loaded: nothing to do (as Triton answers)
+            self._explicit.discard(name)
+            self.found.discard(name)
+            for version in self.versions(name):
+                await self._unload(name, version, "unloaded on request")
+
+    def _check_control(self, what: str) -> None:
+        mode = self.config.model_control_mode
+        if mode != "explicit":
+            how = "follows the repository on disk" if mode == "poll" else "loaded it once"
+            raise ControlRefused(
+                f"cannot {what} models: this server runs --model-control-mode {mode} (it "
+                f"{how}); start it with --model-control-mode explicit to load and unload "
+                "models on request"
+            )
+
+    def _no_such_model(self, name: str, found: dict[str, list[int]]) -> str:
+        have = ", ".join(sorted(found)) or "none"
+        return (
+            f"model {shorten(name)!r}: no such model folder in the repository "
+            f"{self.config.repository} (models there: {have})"
+        )
+
+    def _why_not_loaded(self, name: str, versions: list[int]) -> str:
+        if not versions:
+            return f"model {name!r}: no version folders in {self.config.repository / name}"
+        failures = [self._failed[(name, v)][1] for v in versions if (name, v) in self._failed]
+        if failures:
+            return f"model {name!r}: no version could be loaded: " + "; ".join(failures)
+        have = ", ".join(map(str, versions))
+        return f"model {name!r}: {self._policy_text} picks none of its versions ({have})"
+
+    @property
+    def _policy_text(self) -> str:
+        return f"--version-policy {self._policy}"
 
     def _open(self, name: str, version: int) -> tuple[ModelSpec, Session]:
         spec = repository.read_spec(self.config.repository, name, version)
@@ -258,14 +399,20 @@ class Engine(Core):
             inline_up_to=self._inline_up_to(session),
         )
 
-    async def _unload(self, name: str, version: int) -> None:
+    async def _unload(self, name: str, version: int, why: str) -> None:
+        """Refuse new requests for the version at once, finish its queue, then free it."""
         model = self._loaded(self._models[name].pop(version))
         if not self._models[name]:
             del self._models[name]
         self._notify(name, name in self._models)
-        log.info("unloaded model %r version %d (gone from the repository)", name, version)
-        await model.batcher.close()
+        log.info("unloading model %r version %d (%s): draining its queue", name, version, why)
+        self._changing[(name, version)] = control.UNLOADING
+        try:
+            await model.batcher.close()
+        finally:
+            self._changing.pop((name, version), None)
         self.metrics.forget(name, version)
+        log.info("unloaded model %r version %d", name, version)
         del model  # the last reference: its session and arena are freed here...
         loop = asyncio.get_running_loop()  # ...and given back to the system, off the loop
         await loop.run_in_executor(self._loader, memory.release_freed_memory)

@@ -62,6 +62,7 @@ class EngineHost:
         self._peers: dict[Channel, Peer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._broadcast_armed = False
+        self._tasks: set[asyncio.Task[None]] = set()
         engine.processes = self._processes  # the process metrics cover the front ends too
 
     def _processes(self) -> list[tuple[str, int]]:
@@ -117,6 +118,10 @@ class EngineHost:
             channel.send(rec.Kind.CATALOGUE, rec.Control(catalogue(self.engine)).encode())
         elif kind is rec.Kind.STATS_ASK:
             self._stats(channel, rec.Control.decode(payload).body)
+        elif kind is rec.Kind.CONTROL_ASK:
+            task = asyncio.create_task(self._control(channel, rec.Control.decode(payload).body))
+            self._tasks.add(task)  # held until done (a loop keeps only weak references)
+            task.add_done_callback(self._tasks.discard)
         else:
             log.error("unexpected %s record from front end %d; ignored", kind.name, peer.pid)
 
@@ -178,6 +183,28 @@ class EngineHost:
                 answers.append(Stats().to_dict())
         reply = rec.Control({"request": body["request"], "stats": answers})
         channel.send(rec.Kind.STATS, reply.encode())
+
+    async def _control(self, channel: Channel, body: dict[str, Any]) -> None:
+        """A repository index, load or unload for a front end; the answer goes after the
+        catalogue it changed, so the front end knows the new state when its caller does."""
+        reply: dict[str, Any] = {"request": body["request"]}
+        try:
+            if body["op"] == "index":
+                entries = await self.engine.repository_index(bool(body.get("ready")))
+                reply["index"] = [entry.to_dict() for entry in entries]
+            elif body["op"] == "load":
+                await self.engine.load_model(str(body["name"]))
+            else:
+                await self.engine.unload_model(str(body["name"]))
+        except ServingError as exc:
+            reply["error"] = [exc.code.name, str(exc)]
+        except Exception:
+            log.exception("model control (%s) failed", body.get("op"))
+            reply["error"] = list(INTERNAL)
+        if self._broadcast_armed:
+            self._broadcast()
+        if not channel.closed:
+            channel.send(rec.Kind.CONTROL, rec.Control(reply).encode())
 
     def _lost(self, channel: Channel) -> None:
         peer = self._peers.pop(channel, None)

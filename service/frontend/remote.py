@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from service.config import MiB, ServeConfig
-from service.core import SERVER, Core, Model, Outputs, Stats
+from service.core import SERVER, Core, IndexEntry, Model, Outputs, Stats
 from service.errors import ServingError, Unavailable
 from service.ipc import records as rec
 from service.ipc.channel import Channel
@@ -46,7 +46,7 @@ class EngineClient(Core):
         self._arena: Arena | None = None
         self._channel: Channel | None = None
         self._pending: dict[int, tuple[asyncio.Future[Outputs], Lease]] = {}
-        self._asked: dict[int, asyncio.Future[list[dict[str, Any]]]] = {}
+        self._asked: dict[int, asyncio.Future[dict[str, Any]]] = {}  # STATS, CONTROL
         self._ids = itertools.count(1)
         self._tally: dict[tuple[str, int], list[int]] = {}  # [ok, ok ns, failed, failed ns]
         self._catalogued = asyncio.Event()
@@ -123,11 +123,11 @@ class EngineClient(Core):
             self._settle(failure.request, None, failure.error())
         elif kind is rec.Kind.CATALOGUE:
             self._apply(rec.Control.decode(payload).body)
-        elif kind is rec.Kind.STATS:
+        elif kind in (rec.Kind.STATS, rec.Kind.CONTROL):
             body = rec.Control.decode(payload).body
             waiter = self._asked.pop(body["request"], None)
             if waiter is not None and not waiter.done():
-                waiter.set_result(body["stats"])
+                waiter.set_result(body)
         else:
             log.error("unexpected %s record from the engine; ignored", kind.name)
 
@@ -214,25 +214,47 @@ class EngineClient(Core):
             self._channel.send(rec.Kind.DONE, rec.Done(name, version, *counts).encode())
 
     async def statistics(self, models: Sequence[Model]) -> list[Stats]:
+        self._send_tally()  # what finished before this call counts in its answer
+        which = [[m.spec.name, m.spec.version] for m in models]
+        answer = await self._ask(rec.Kind.STATS_ASK, {"models": which}, STATS_TIMEOUT_S)
+        return [Stats.from_dict(stats) for stats in answer["stats"]]
+
+    # ---- model control: the engine does it
+
+    async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
+        answer = await self._control({"op": "index", "ready": ready_only})
+        return [IndexEntry(**entry) for entry in answer["index"]]
+
+    async def load_model(self, name: str) -> None:
+        await self._control({"op": "load", "name": name})
+
+    async def unload_model(self, name: str) -> None:
+        await self._control({"op": "unload", "name": name})
+
+    async def _control(self, body: dict[str, Any]) -> dict[str, Any]:
+        """No time limit of its own (a load warms a model up): the caller's deadline is."""
+        answer = await self._ask(rec.Kind.CONTROL_ASK, body, None)
+        if "error" in answer:
+            code, message = answer["error"]
+            raise rec.ERRORS.get(code, ServingError)(message)
+        return answer
+
+    async def _ask(
+        self, kind: rec.Kind, body: dict[str, Any], timeout_s: float | None
+    ) -> dict[str, Any]:
+        """Send a JSON record to the engine and await the answer with the same `request`."""
         channel = self._channel
         if channel is None:
             raise Unavailable("the engine process is restarting; retry")
-        self._send_tally()  # what finished before this call counts in its answer
         request = next(self._ids)
-        waiter: asyncio.Future[list[dict[str, Any]]] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._asked[request] = waiter
-        which = [[m.spec.name, m.spec.version] for m in models]
-        channel.send(
-            rec.Kind.STATS_ASK, rec.Control({"request": request, "models": which}).encode()
-        )
+        channel.send(kind, rec.Control({**body, "request": request}).encode())
         started = time.monotonic()
         try:
-            answers = await asyncio.wait_for(waiter, STATS_TIMEOUT_S)
+            return await asyncio.wait_for(waiter, timeout_s)
         except TimeoutError as exc:
             waited = time.monotonic() - started
-            raise Unavailable(
-                f"the engine did not answer for statistics in {waited:.0f} s"
-            ) from exc
+            raise Unavailable(f"the engine did not answer in {waited:.0f} s") from exc
         finally:
             self._asked.pop(request, None)
-        return [Stats.from_dict(answer) for answer in answers]

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from service.errors import (
+    ControlRefused,
     DeadlineExceeded,
     InvalidInput,
     ModelNotFound,
@@ -39,6 +40,8 @@ class Kind(enum.IntEnum):
     DONE = 7  # front end -> engine: a request finished (for ModelStatistics)
     STATS_ASK = 8  # front end -> engine
     STATS = 9  # engine -> front end
+    CONTROL_ASK = 10  # front end -> engine: repository index, model load or unload
+    CONTROL = 11  # engine -> front end: its answer
 
 
 def frame(kind: Kind, payload: bytes) -> bytes:
@@ -112,6 +115,7 @@ class Result:
 ERRORS: dict[str, type[ServingError]] = {
     cls.code.name: cls
     for cls in (
+        ControlRefused,  # FAILED_PRECONDITION (a failed model load too)
         InvalidInput,
         ModelNotFound,
         QueueFull,
@@ -188,7 +192,9 @@ class Done:
 @dataclass(frozen=True)
 class Control:
     """A JSON record: Hello {index, pid}, Catalogue {ready, models}, StatsAsk {request,
-    models: [[name, version], ...]}, Stats {request, stats: [Stats.to_dict(), ...]}."""
+    models: [[name, version], ...]}, Stats {request, stats: [Stats.to_dict(), ...]},
+    ControlAsk {request, op: index|load|unload, name, ready}, Control {request, index:
+    [IndexEntry.to_dict(), ...]} or {request, error: [code name, message]}."""
 
     body: dict[str, Any]
 

@@ -9,6 +9,9 @@ tensors, classification, model configuration, statistics): the same answers as t
     GET  /v2/models/{m}[/versions/{v}]/config Triton's model configuration
     GET  /v2/models[/{m}[/versions/{v}]]/stats Triton's statistics
     POST /v2/models/{m}[/versions/{v}]/infer  inference
+    POST /v2/repository/index                 Triton's repository index ({"ready": true})
+    POST /v2/repository/models/{m}/load       load or reload (--model-control-mode explicit)
+    POST /v2/repository/models/{m}/unload     drain, then unload (explicit)
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import Response
 
-from service.errors import ServingError
+from service.errors import InvalidInput, ServingError, shorten
 from service.rest import v2_json
 from service.rest.calls import NO_TOKEN, Headers, HttpCalls
 from service.rest.status import error_response, json_response
@@ -38,6 +41,7 @@ NUMBERS = {
     "count", "ns", "last_inference", "inference_count", "execution_count", "batch_size",
     "dims", "shape", "max_queue_delay_microseconds",
 }  # fmt: skip
+CONTROL_VALUES = 1000  # a repository request holds a few parameters at most
 INFER_BODY = {
     "requestBody": {
         "description": "V2 inference request: JSON, or JSON of Inference-Header-Content-Length "
@@ -150,7 +154,58 @@ def router(http: HttpCalls) -> APIRouter:
 
             return await http.handle(request.headers, API, "ModelInfer", work)
 
+    control_router(http, api)
     return api
+
+
+def control_router(http: HttpCalls, api: APIRouter) -> None:
+    """Triton's model repository extension over HTTP, as tritonclient.http calls it."""
+    engine = http.engine
+
+    @api.post("/v2/repository/index", summary="Repository index: every version and its state")
+    async def repository_index(request: Request) -> Response:
+        async def work(call: Call) -> Response:
+            document = await _control_body(http, request, "repository index")
+            ready = document.get("ready", False)
+            if not isinstance(ready, bool):
+                raise InvalidInput("repository index: 'ready' must be true or false")
+            entries = await engine.repository_index(ready)
+            return json_response([entry.to_dict() for entry in entries])
+
+        return await http.handle(request.headers, API, "RepositoryIndex", work)
+
+    @api.post("/v2/repository/models/{name}/load", summary="Load or reload a model")
+    async def load(request: Request, name: str) -> Response:
+        async def work(call: Call) -> Response:
+            parameters = _parameters(await _control_body(http, request, f"load {name!r}"))
+            await inference.load(engine, name, parameters)
+            return Response(status_code=200)
+
+        return await http.handle(request.headers, API, "RepositoryModelLoad", work)
+
+    @api.post("/v2/repository/models/{name}/unload", summary="Drain, then unload a model")
+    async def unload(request: Request, name: str) -> Response:
+        async def work(call: Call) -> Response:
+            parameters = _parameters(await _control_body(http, request, f"unload {name!r}"))
+            await inference.unload(engine, name, parameters)
+            return Response(status_code=200)
+
+        return await http.handle(request.headers, API, "RepositoryModelUnload", work)
+
+
+async def _control_body(http: HttpCalls, request: Request, what: str) -> dict[str, Any]:
+    """The small JSON object of a repository request (none: {})."""
+    body = await http.body(request.headers, request.stream())
+    if not body.strip():
+        return {}
+    return v2_json.parse_json(body, CONTROL_VALUES, shorten(what))
+
+
+def _parameters(document: dict[str, Any]) -> list[str]:
+    parameters = document.get("parameters", {})
+    if not isinstance(parameters, dict):
+        raise InvalidInput("'parameters' must be a JSON object")
+    return list(parameters)
 
 
 async def infer(

@@ -4,7 +4,7 @@ ModelConfig and ModelStatistics, so tritonclient, perf_analyzer and KServe clien
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from importlib import metadata
 
 import numpy as np
@@ -17,7 +17,8 @@ from service.servicers import v2_codec
 from service.servicers.calls import Call, Calls, deadline, one_message, ordered, stream, unary
 
 API = "inference.v2"
-EXTENSIONS = ["classification", "model_configuration", "statistics"]
+EXTENSIONS = ["classification", "model_configuration", "model_repository", "statistics"]
+UNLOAD_PARAMETERS = {"unload_dependents"}  # read and needless: there are no ensembles here
 
 
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
@@ -68,6 +69,22 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def ModelStatistics(self, request, context, call):  # type: ignore[no-untyped-def]
         models = stats_models(self.engine, request.name, request.version, call)
         return statistics(models, await self.engine.statistics(models))
+
+    @unary(API)
+    async def RepositoryIndex(self, request, context, call):  # type: ignore[no-untyped-def]
+        entries = await self.engine.repository_index(request.ready)
+        index = pb.RepositoryIndexResponse.ModelIndex
+        return pb.RepositoryIndexResponse(models=[index(**e.to_dict()) for e in entries])
+
+    @unary(API)
+    async def RepositoryModelLoad(self, request, context, call):  # type: ignore[no-untyped-def]
+        await load(self.engine, request.model_name, request.parameters.keys())
+        return pb.RepositoryModelLoadResponse()
+
+    @unary(API)
+    async def RepositoryModelUnload(self, request, context, call):  # type: ignore[no-untyped-def]
+        await unload(self.engine, request.model_name, request.parameters.keys())
+        return pb.RepositoryModelUnloadResponse()
 
     @unary(API)
     async def ModelInfer(self, request, context, call):  # type: ignore[no-untyped-def]
@@ -128,6 +145,30 @@ async def infer(
         images = np.stack(decoded)  # type: ignore[arg-type]
     outputs = await engine.infer(model, images, deadline)
     return v2_codec.encode_response(request, model.spec, requested, outputs)
+
+
+async def load(engine: Core, name: str, parameters: Iterable[str]) -> None:
+    """RepositoryModelLoad, over gRPC or HTTP: no parameter is read (a config override or
+    files sent along would make a version that is not on disk), so any is refused."""
+    _check_control_request(name, "load", set(parameters))
+    await engine.load_model(name)
+
+
+async def unload(engine: Core, name: str, parameters: Iterable[str]) -> None:
+    _check_control_request(name, "unload", set(parameters) - UNLOAD_PARAMETERS)
+    await engine.unload_model(name)
+
+
+def _check_control_request(name: str, what: str, unread: set[str]) -> None:
+    if not name:
+        raise InvalidInput(f"which model to {what}? model_name is empty")
+    if unread:
+        raise InvalidInput(
+            f"model {shorten(name)!r}: {what} parameters not supported: "
+            f"{shorten(', '.join(sorted(unread)))} (cnn-serving reads every version from the "
+            "repository on disk: metadata.json and model.onnx; no config override or files "
+            "in the request)"
+        )
 
 
 def statistics(models: Sequence[Model], stats: Sequence[Stats]) -> pb.ModelStatisticsResponse:
