@@ -1,6 +1,6 @@
 # syntax=docker/dockerfile:1
 # The GPU serving image: `python -m service serve` on onnxruntime-gpu, nothing else (no
-# TensorFlow, no training or export code). README "Deployment" says how to build and run it.
+# TensorFlow, no training or export code). docs/deployment.md says how to build and run it.
 #
 # onnxruntime-gpu 1.31 is built for CUDA 13.0 and cuDNN 9. This image takes both from NVIDIA's
 # base image (CUDA 13 images ship cuDNN 9), not from the `[cuda,cudnn]` wheels (1.6 GB again).

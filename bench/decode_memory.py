@@ -254,7 +254,7 @@ def burst_table(args: argparse.Namespace, repo: Path) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -264,7 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--requests", type=int, default=2, help="concurrent Classify calls")
     p.add_argument("--images", type=int, default=16, help="images per call")
     p.add_argument("--part", choices=("modes", "burst", "all"), default="all")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.before is not None:
         args.before = args.before.resolve()
     if args.part in ("modes", "all"):

@@ -105,13 +105,17 @@ async def split(repo: Path, name: str, args: argparse.Namespace, engine_pid: int
     return result
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="seed", help="seed, scratch or vgg16 (default: seed)")
     p.add_argument("--callers", type=int, default=64, help="concurrent callers (default: 64)")
     p.add_argument("--images", type=int, default=1, help="images per request (default: 1)")
     p.add_argument("--duration-s", type=float, default=5.0, help="seconds per path (default: 5)")
-    args = p.parse_args()
+    return p
+
+
+def main() -> None:
+    args = build_parser().parse_args()
     repo = prepare_repository([args.model])
     rows = {"in-process Engine": asyncio.run(in_process(repo, args.model, args))}
     with tempfile.TemporaryDirectory() as folder:

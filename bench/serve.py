@@ -1000,13 +1000,22 @@ class _Help(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpF
     """The module docstring as is, and every option's default."""
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     intro, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(description=intro, epilog=epilog, formatter_class=_Help)
     for flag, default, kind, text in OPTIONS:
         metavar = flag.rsplit("-", 1)[-1].upper()  # units where the flag has them: S, MS
         p.add_argument(flag, default=default, type=kind, help=text, metavar=metavar)
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    return check_args(p, p.parse_args(argv))
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """What argparse cannot check (p.error on a bad combination); lists split at commas."""
     if args.load not in LOADS:
         p.error(f"--load: one of {', '.join(LOADS)}, not {args.load!r}")
     args.models = [m for m in args.models.split(",") if m]

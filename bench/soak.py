@@ -452,7 +452,7 @@ async def scenarios(server: Server, args: argparse.Namespace, repo: Path) -> lis
     return rows
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     intro, epilog = __doc__.split("\n\n", 1)
     p = argparse.ArgumentParser(
         description=intro, epilog=epilog,
@@ -490,7 +490,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--scenario-timeout-s", type=float, default=1200.0,
         help="longest a scenario may take, seconds, before it is stopped and marked "
         "failed")  # fmt: skip
-    args = p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = build_parser()
+    return check_args(p, p.parse_args(argv))
+
+
+def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.Namespace:
+    """What argparse cannot check (p.error on a bad combination)."""
     counts = (args.requests, args.clients, args.rollout_clients, args.storm_clients,
               args.normal_clients)  # fmt: skip
     if min(counts) < 1 or args.rollouts < 0 or args.storm_s < 0 or args.frontends < 0:

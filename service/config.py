@@ -169,7 +169,7 @@ def server_options(config: ServeConfig) -> list[tuple[str, int]]:
     (grpc refuses more with REFUSED_STREAM, which clients see as UNAVAILABLE, before any of
     our code runs; calls whose client has gone but that no handler has taken yet still count)
     and how many calls grpc holds for the handlers in all before it refuses new ones itself
-    (with CANCELLED, see README "Short deadlines and overload")."""
+    (with CANCELLED, see docs/reliability.md, "Short deadlines and overload")."""
     options = channel_options(config.max_message_bytes)
     if config.max_concurrent_streams:
         options += [

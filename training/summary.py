@@ -1,12 +1,15 @@
 """Print what a run and its export produced, for people (used by `make demo`).
 
 python -m training.summary RUN [EXPORT_JSON]
+python -m training.summary --table RUN...
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,24 +83,48 @@ def table(run_dirs: list[Path]) -> str:
     return "\n".join([header, *(table_row(run_dir) for run_dir in run_dirs)])
 
 
-def main() -> int:
-    if len(sys.argv) >= 3 and sys.argv[1] == "--table":
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m training.summary",
+        usage="python -m training.summary RUN [EXPORT_JSON] | --table RUN...",
+        description="Print what a training run (and its export) produced, or, with --table, "
+        "one Markdown row per run beside the seeds' numbers.",
+    )
+    parser.add_argument(
+        "run", nargs="?", type=Path, metavar="RUN", help="a run directory (python -m training)"
+    )
+    parser.add_argument(
+        "export",
+        nargs="?",
+        type=Path,
+        metavar="EXPORT_JSON",
+        help="the JSON that python -m export printed for that run",
+    )
+    parser.add_argument(
+        "--table", nargs="+", type=Path, metavar="RUN", help="print the table of these runs"
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.table is not None:
+        if args.run is not None:
+            parser.error("--table takes run directories only")
         try:
-            print(table([Path(arg) for arg in sys.argv[2:]]))
+            print(table(args.table))
         except (OSError, ValueError, KeyError) as exc:
             print(f"error: cannot tabulate: {exc}", file=sys.stderr)
             return 2
         return 0
-    if len(sys.argv) not in (2, 3):
-        print(
-            "usage: python -m training.summary RUN [EXPORT_JSON] | --table RUN...", file=sys.stderr
-        )
-        return 2
+    if args.run is None:
+        parser.error("a run directory, or --table and run directories")
     try:
-        export = json.loads(Path(sys.argv[2]).read_text()) if len(sys.argv) == 3 else None
-        print(describe(Path(sys.argv[1]), export))
+        export = json.loads(args.export.read_text()) if args.export is not None else None
+        print(describe(args.run, export))
     except (OSError, ValueError, KeyError) as exc:
-        print(f"error: cannot summarise {sys.argv[1]}: {exc}", file=sys.stderr)
+        print(f"error: cannot summarise {args.run}: {exc}", file=sys.stderr)
         return 2
     return 0
 

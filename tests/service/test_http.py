@@ -1,6 +1,7 @@
 """The HTTP front door over the wire: tritonclient.http (binary and JSON), the classification
-extension on both protocols, the README's curl commands, the status of every error, token and
-TLS, the body limits, a drain with requests in flight, and a batch shared by REST and gRPC."""
+extension on both protocols, the curl commands of the README and docs/, the status of every
+error, token and TLS, the body limits, a drain with requests in flight, and a batch shared by
+REST and gRPC."""
 
 from __future__ import annotations
 
@@ -179,11 +180,15 @@ def _text(value: bytes | str) -> str:
 CURL = shutil.which("curl")
 
 
+def curl_commands(path: Path) -> list[str]:
+    return re.findall(r"^(curl [^\n]*:classify[^\n]*)$", path.read_text(), flags=re.M)
+
+
 @pytest.mark.skipif(CURL is None, reason="curl is not installed")
-def test_the_readme_curl_commands(server: Served, tmp_path: Path, sample_images):
-    readme = (ROOT / "README.md").read_text()
-    commands = re.findall(r"^(curl [^\n]*:classify[^\n]*)$", readme, flags=re.M)
-    assert len(commands) >= 2, "the README shows the curl commands"
+def test_the_documented_curl_commands(server: Served, tmp_path: Path, sample_images):
+    assert len(curl_commands(ROOT / "README.md")) >= 2, "the README's quick start shows them"
+    documents = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    commands = sorted({c for document in documents for c in curl_commands(document)})
     (tmp_path / "shoe.png").write_bytes(png(sample_images[0][0]))
     for command in commands:
         line = command.replace("localhost:8000", server.http)
