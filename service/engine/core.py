@@ -412,7 +412,7 @@ class Engine(Core):
         finally:
             self._changing.pop((name, version), None)
         self.metrics.forget(name, version)
-        log.info("unloaded model %r version %d", name, version)
+        log.info("unloaded model %r version %d (%s)", name, version, why)
         del model  # the last reference: its session and arena are freed here...
         loop = asyncio.get_running_loop()  # ...and given back to the system, off the loop
         await loop.run_in_executor(self._loader, memory.release_freed_memory)

@@ -6,10 +6,13 @@ from __future__ import annotations
 
 import os
 import time
+from types import SimpleNamespace
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
-from service.process_metrics import gpu_collector, read_process
+from service.process_metrics import GpuCollector, gpu_collector, read_process
 from tests.conftest import scrape
 
 pytestmark = pytest.mark.usefixtures("frontends")  # both server modes
@@ -54,3 +57,45 @@ def test_a_process_is_read_from_proc():
     assert resident > 10_000_000 and cpu > 0 and fds >= 3
     assert time.time() - 7 * 24 * 3600 < started <= time.time()
     assert read_process(2**22 + 12345) is None  # no such process: nothing, no error
+
+
+class FakeNvml:
+    """NVML as nvidia-ml-py presents it, for two GPUs, the second unreadable (fallen off the
+    bus): what GpuCollector reads where there is a GPU, on a machine without one."""
+
+    class Error(Exception):
+        pass
+
+    def nvmlDeviceGetHandleByIndex(self, index: int) -> int:  # noqa: N802 - NVML's names
+        if index == 1:
+            raise self.Error("GPU is lost")
+        return index
+
+    def nvmlDeviceGetUUID(self, handle: int) -> bytes:  # noqa: N802
+        return b"GPU-0000-aaaa"
+
+    def nvmlDeviceGetUtilizationRates(self, handle: int):  # noqa: N802
+        return SimpleNamespace(gpu=37, memory=12)
+
+    def nvmlDeviceGetMemoryInfo(self, handle: int):  # noqa: N802
+        return SimpleNamespace(used=3 * 2**30, total=80 * 2**30, free=77 * 2**30)
+
+    def nvmlDeviceGetPowerUsage(self, handle: int) -> int:  # noqa: N802
+        return 215_500  # milliwatts
+
+
+def test_gpu_collector_reads_each_gpu_and_skips_an_unreadable_one():
+    registry = CollectorRegistry()
+    registry.register(GpuCollector(FakeNvml(), 2))
+    families = {
+        f.name: f.samples
+        for f in text_string_to_metric_families(generate_latest(registry).decode())
+    }
+    values = {name: [(s.labels, s.value) for s in samples] for name, samples in families.items()}
+    uuid = {"gpu_uuid": "GPU-0000-aaaa"}
+    assert values == {
+        "cnn_serving_gpu_utilization_ratio": [(uuid, 0.37)],
+        "cnn_serving_gpu_memory_used_bytes": [(uuid, 3 * 2**30)],
+        "cnn_serving_gpu_memory_total_bytes": [(uuid, 80 * 2**30)],
+        "cnn_serving_gpu_power_watts": [(uuid, 215.5)],
+    }
