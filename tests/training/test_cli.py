@@ -37,6 +37,8 @@ COMMON = (
     "--image-size",
     "--channels",
     "--test-split",
+    "--max-image-pixels",
+    "--strict",
     "--val-split",
     "--epochs",
     "--batch-size",
