@@ -26,8 +26,10 @@ COPY pyproject.toml ./
 RUN python -c "import tomllib; p = tomllib.load(open('pyproject.toml', 'rb'))['project']; \
 print('\n'.join(p['dependencies'] + p['optional-dependencies']['serve']))" > requirements.txt \
     && pip install --no-cache-dir -r requirements.txt
-# Then the code: .dockerignore lets in only service/ (plus the two files the build reads).
+# Then the code: .dockerignore lets in only service/ and imaging/ (the image policy it shares
+# with training), plus the two files the build reads.
 COPY README.md ./
+COPY imaging/ imaging/
 COPY service/ service/
 RUN pip install --no-cache-dir --no-deps . && rm -rf /src
 

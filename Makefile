@@ -29,7 +29,7 @@ test: install prometheus-tools browser perf-analyzer
 lint: install
 	$(BIN)/ruff format --check .
 	$(BIN)/ruff check .
-	$(BIN)/mypy training export service
+	$(BIN)/mypy imaging training export service
 
 # Regenerate service/_proto from protos/*.proto (a test fails when they drift apart).
 protos: install

@@ -58,18 +58,22 @@ MEASURE = """
 import io, re, sys
 from PIL import Image
 import service.images as images
+try:
+    from imaging import policy
+except ImportError:  # a checkout from before the policy had its own module
+    policy = images
 path, mode, fmt = sys.argv[1:]
 data = open(path, "rb").read()
 warm = io.BytesIO()
 Image.new(mode, (300, 300)).save(warm, fmt)
 images.decode(warm.getvalue(), (28, 28, 1), 10**9)
 estimate = -1
-if hasattr(images, "decoding_bytes"):
+if hasattr(policy, "decoding_bytes"):
     with Image.open(io.BytesIO(data)) as opened:
         stored = opened.width * opened.height
         if opened.format == "JPEG":
             opened.draft(None, (56, 56))
-        estimate = images.decoding_bytes(opened, stored, (28, 28, 1))
+        estimate = policy.decoding_bytes(opened, stored, (28, 28, 1))
 def hwm():
     text = open("/proc/self/status").read()
     return int(re.search(r"VmHWM:\\s+(\\d+) kB", text).group(1)) * 1024

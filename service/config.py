@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from imaging.policy import MAX_IMAGE_PIXELS
 from service.errors import ConfigError
 from service.repository import VersionPolicy
 
@@ -17,10 +18,9 @@ DEVICES = ("auto", "cuda", "cpu")
 # --load-model and RepositoryModelLoad name, or load everything once and change nothing.
 CONTROL_MODES = ("poll", "explicit", "none")
 MiB = 1024 * 1024
-# 16 MP: a 4000x4000 picture or any 12 MP photo, for models that read 28x28 or 32x32 pixels;
-# decoding one costs up to 61 MiB (RGB PNG) or 244 MiB (lossless WebP), so every image it
+# MAX_IMAGE_PIXELS (16 MP, the image policy's default, training's too): decoding one image
+# of that size costs up to 61 MiB (RGB PNG) or 244 MiB (lossless WebP), so every image it
 # allows fits alone in the default decode budget (bench/decode_memory.py).
-MAX_IMAGE_PIXELS = 16_000_000
 DECODE_BUDGET_MIB = 256
 
 

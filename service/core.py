@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 from prometheus_client import Histogram
 
-from service import images as imaging
-from service import memory
+from service import images, memory
 from service.config import MiB, ServeConfig
 from service.cpus import available_cpus
 from service.errors import (
@@ -220,7 +219,7 @@ class Core:
         self, model: Model, batch: np.ndarray, deadline: float | None = None
     ) -> Outputs:
         """(N, H, W, C) uint8 -> outputs, through the version's batcher."""
-        imaging.check_tensor(batch, model.spec.image_shape)
+        images.check_tensor(batch, model.spec.image_shape)
         self.check_count(model, len(batch))
         return await self.run(model, batch, deadline)
 
@@ -263,9 +262,9 @@ class Core:
             if isinstance(item, InvalidInput):
                 raise item
             if isinstance(item, np.ndarray):
-                return imaging.check_tensor(item, shape)
+                return images.check_tensor(item, shape)
             limit = self.config.max_image_pixels
-            array = imaging.decode(item, shape, limit, self.decode_budget)
+            array = images.decode(item, shape, limit, self.decode_budget)
             model.decode_seconds.observe(time.monotonic() - started)
             return array
         except DecodeBudgetExceeded as exc:

@@ -1,7 +1,7 @@
 """Decoding memory: `DecodeBudget`, the bytes of decoded pixels in flight in this process, and
 `release_freed_memory`, which hands what a burst of decodes freed back to the system.
 
-A decode reserves its estimated peak (service/images.py `decoding_bytes`, from the header,
+A decode reserves its estimated peak (imaging/policy.py `decoding_bytes`, from the header,
 before any pixel is decoded) and releases it in a `finally`; a reservation that would pass
 the budget is refused at once with DecodeBudgetExceeded (RESOURCE_EXHAUSTED), never queued, so
 memory stays bounded whatever the number of decoding threads or the size of the images sent.

@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from imaging.policy import MAX_IMAGE_PIXELS
 from training.config import ARCH_DEFAULTS, SCHEDULES, TrainConfig
 from training.errors import TrainingError
 from training.logs import setup_cli_logging
@@ -30,6 +31,13 @@ DEFAULTS_NOTE = "default: per architecture, see the epilog"
 
 def _env(name: str, default: Any = None) -> Any:
     return os.environ.get(f"CNN_SERVING_{name.upper()}", default)
+
+
+def _on(text: str | bool | None) -> bool | None:
+    """A flag's value from the environment (1/true/yes/on or not); None stays None."""
+    if text is None or isinstance(text, bool):
+        return text
+    return text.lower() in ("1", "true", "yes", "on")
 
 
 def parse_classes(text: str) -> tuple[int, ...]:
@@ -104,6 +112,23 @@ def _common(parser: argparse.ArgumentParser, family: str) -> None:
         default=float(_env("test_split", 0.2)),
         help="with --image-dir: share of each class held out as the test set, "
         "fixed by --seed (default: %(default)s)",
+    )
+    data.add_argument(
+        "--max-image-pixels",
+        metavar="PIXELS",
+        type=_positive_int,
+        default=_env("max_image_pixels", MAX_IMAGE_PIXELS),
+        help="with --image-dir: an image file of more pixels (width x height, read from its "
+        "header before decoding) is skipped, as the server refuses it "
+        "(default: %(default)s, the server's)",
+    )
+    data.add_argument(
+        "--strict",
+        action="store_true",
+        default=bool(_on(_env("strict"))),
+        help="with --image-dir: stop at the first image file that does not decode "
+        "(corrupt, unreadable, too many pixels) instead of skipping it with a warning "
+        "(default: skip; skipped files are listed in config.json)",
     )
     data.add_argument(
         "--val-split",
@@ -261,9 +286,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         value = getattr(args, name)
         return defaults[name] if value is None else kind(value)
 
-    augment = args.augment
-    if isinstance(augment, str):
-        augment = augment.lower() in ("1", "true", "yes", "on")
+    augment = _on(args.augment)
     return TrainConfig(
         family=args.family,
         arch=arch,
@@ -280,6 +303,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         image_size=int(args.image_size) if args.image_size else None,
         channels=args.channels,
         test_split=args.test_split,
+        max_image_pixels=args.max_image_pixels,
+        strict=args.strict,
         base_weights=getattr(args, "base_weights", "none"),
         cache_dir=str(args.cache_dir) if getattr(args, "cache_dir", None) else None,
         head_units=getattr(args, "head_units", 256),

@@ -7,6 +7,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from imaging.policy import MAX_IMAGE_PIXELS
+
 FAMILIES = ("scratch", "vgg16", "transfer")
 SCHEDULES = ("cosine", "constant")
 
@@ -54,6 +56,8 @@ class TrainConfig:
     image_size: int | None = None
     channels: int = 3
     test_split: float = 0.2
+    max_image_pixels: int = MAX_IMAGE_PIXELS  # image files above it are skipped (as the server)
+    strict: bool = False  # an image file that does not decode stops the run
     # vgg16
     base_weights: str = "none"
     cache_dir: str | None = None

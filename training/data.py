@@ -1,7 +1,11 @@
 """Datasets: Fashion-MNIST from IDX files and labelled image folders.
 
 Both loaders return a `Dataset` of raw `uint8` NHWC pixels and integer labels; scaling and
-resizing to the network's needs are layers of the model, not steps here.
+resizing to the network's needs are layers of the model, not steps here, with one exception:
+image files are decoded to the model's input size by the one image policy (imaging/policy.py),
+the function the server decodes them with, so a model is served the pixels it was trained on.
+A file that does not decode is skipped with one warning line naming it (or, with --strict, is
+an error); the skipped files are part of the Dataset and of the run's config.json.
 
 Fashion-MNIST is looked up in this order: `--data-dir`, then Debian's
 `/usr/share/datasets/fashion-mnist/` (package `dataset-fashion-mnist`), then Keras's downloader.
@@ -19,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from imaging import policy
 from training.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -42,10 +47,8 @@ FASHION_MNIST_FILES = {
     "x_test": "t10k-images-idx3-ubyte",
     "y_test": "t10k-labels-idx1-ubyte",
 }
-# Extensions Pillow decodes that we accept as images in a labelled folder (case-insensitive).
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
-)
+# The file names taken for images in a labelled folder (any case): those the server decodes.
+IMAGE_EXTENSIONS = policy.IMAGE_EXTENSIONS
 
 _IDX_DTYPES: dict[int, str] = {
     0x08: "u1",
@@ -55,6 +58,14 @@ _IDX_DTYPES: dict[int, str] = {
     0x0D: ">f4",
     0x0E: ">f8",
 }
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """A file of a labelled folder that the image policy refuses, and why."""
+
+    path: Path
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -68,6 +79,7 @@ class Dataset:
     labels: tuple[str, ...]
     source: str  # where it was read from, for reports
     name: str  # "fashion-mnist" or the folder's name
+    skipped: tuple[Skipped, ...] = ()  # image files that did not decode, in folder order
 
     @property
     def image_shape(self) -> tuple[int, int, int]:
@@ -233,20 +245,52 @@ def _walk_files(folder: Path) -> Iterable[Path]:
             yield Path(dirpath) / filename
 
 
-def decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """Decode one file to (H, W, C) uint8: EXIF orientation applied, mode converted, resized."""
-    from PIL import Image, ImageOps, UnidentifiedImageError  # noqa: PLC0415
+def decode_labelled(
+    files: list[tuple[Path, int]],
+    shape: tuple[int, int, int],
+    max_pixels: int,
+    strict: bool = False,
+) -> tuple[np.ndarray, np.ndarray, tuple[Skipped, ...]]:
+    """The files that decode, as (N, H, W, C) uint8 with their (N,) labels, and those that do
+    not: each gets one warning line; with `strict`, the first is a DataError instead."""
+    images: list[np.ndarray] = []
+    labels: list[int] = []
+    skipped: list[Skipped] = []
+    for path, label in files:
+        try:
+            images.append(policy.decode_file(path, shape, max_pixels))
+            labels.append(label)
+        except (policy.ImageError, OSError) as exc:
+            reason = _reason(exc)
+            if strict:
+                raise DataError(f"{path}: {reason} (--strict)") from exc
+            log.warning("skipped %s: %s", path, reason)
+            skipped.append(Skipped(path, reason))
+    pixels = np.stack(images) if images else np.empty((0, *shape), dtype=np.uint8)
+    return pixels, np.array(labels, dtype=np.int64), tuple(skipped)
 
-    try:
-        with Image.open(path) as opened:
-            opened.seek(0)  # first frame of animations
-            image = ImageOps.exif_transpose(opened).convert("L" if channels == 1 else "RGB")
-            if image.size != (size[1], size[0]):
-                image = image.resize((size[1], size[0]), Image.Resampling.BILINEAR)
-            array = np.asarray(image, dtype=np.uint8)
-    except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as exc:
-        raise DataError(f"{path}: cannot decode image: {exc}") from exc
-    return array.reshape(size[0], size[1], channels)
+
+def _reason(exc: Exception) -> str:
+    if isinstance(exc, OSError):
+        return f"cannot read the file: {exc.strerror or type(exc).__name__}"
+    return str(exc)
+
+
+def stratified_split(
+    labels: np.ndarray, classes: int, test_split: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Sorted train and test indices: each class gives the same share of its images to the
+    test set (at least one, when it has two), the same seed always the same split."""
+    rng = np.random.default_rng(seed)
+    train_idx: list[int] = []
+    test_idx: list[int] = []
+    for index in range(classes):
+        members = np.flatnonzero(labels == index)
+        members = members[rng.permutation(len(members))]
+        n_test = max(1, round(len(members) * test_split)) if len(members) > 1 else 0
+        test_idx.extend(members[:n_test].tolist())
+        train_idx.extend(members[n_test:].tolist())
+    return np.array(sorted(train_idx), dtype=np.int64), np.array(sorted(test_idx), dtype=np.int64)
 
 
 def load_image_folder(
@@ -255,30 +299,32 @@ def load_image_folder(
     channels: int,
     test_split: float,
     seed: int,
+    max_image_pixels: int = policy.MAX_IMAGE_PIXELS,
+    strict: bool = False,
 ) -> Dataset:
-    """Labelled folders (one sub-folder per class) decoded at `image_size`, split with `seed`.
+    """Labelled folders (one sub-folder per class) decoded at `image_size` by the image policy
+    (files it refuses skipped, or with `strict` an error), split with `seed`.
 
-    The split is stratified: each class gives the same share of its files to the test set, and
+    The split is stratified: each class gives the same share of its images to the test set, and
     the same seed and files always give the same split.
     """
     if not 0.0 < test_split < 1.0:
         raise DataError(f"--test-split must be between 0 and 1, got {test_split}")
     classes, files = list_labelled_images(root)
-    rng = np.random.default_rng(seed)
-    train_idx: list[int] = []
-    test_idx: list[int] = []
-    labels = np.array([label for _, label in files], dtype=np.int64)
-    for index in range(len(classes)):
-        members = np.flatnonzero(labels == index)
-        members = members[rng.permutation(len(members))]
-        n_test = max(1, round(len(members) * test_split)) if len(members) > 1 else 0
-        test_idx.extend(members[:n_test].tolist())
-        train_idx.extend(members[n_test:].tolist())
-    if not test_idx or not train_idx:
-        raise DataError(f"{root}: too few images for a train/test split ({len(files)} files)")
-    images = np.stack([decode_image(path, (image_size, image_size), channels) for path, _ in files])
-    train = np.array(sorted(train_idx), dtype=np.int64)
-    test = np.array(sorted(test_idx), dtype=np.int64)
+    shape = (image_size, image_size, channels)
+    images, labels, skipped = decode_labelled(files, shape, max_image_pixels, strict)
+    if skipped:
+        log.warning(
+            "skipped %d of %d image files that do not decode (listed in the run's config.json)",
+            len(skipped),
+            len(files),
+        )
+    for index, name in enumerate(classes):
+        if not (labels == index).any():
+            raise DataError(f"{root / name}: none of its image files decodes")
+    train, test = stratified_split(labels, len(classes), test_split, seed)
+    if not len(test) or not len(train):
+        raise DataError(f"{root}: too few images for a train/test split ({len(labels)} images)")
     return Dataset(
         x_train=images[train],
         y_train=labels[train],
@@ -287,6 +333,7 @@ def load_image_folder(
         labels=classes,
         source=str(root),
         name=root.name,
+        skipped=skipped,
     )
 
 

@@ -28,6 +28,7 @@ from training.fit import fit, seed_everything, split_validation
 log = logging.getLogger(__name__)
 
 SAMPLE_IMAGES = 64  # test images kept beside the model for the export's parity check
+SKIPPED_LISTED = 100  # image files that did not decode listed by name in config.json
 DEFAULT_CACHE_DIR = Path.home() / ".cache" / "cnn-serving"  # VGG16 features, without --cache-dir
 
 
@@ -81,6 +82,7 @@ def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
         "test_accuracy": test["accuracy"],
         "train_seconds": round(train_seconds, 1),
         "figures": [str(p) for p in figure_paths],
+        **({"skipped_files": len(data.skipped)} if config.image_dir is not None else {}),
         **({"transfer": trained.extra["transfer"]} if "transfer" in trained.extra else {}),
     }
 
@@ -122,6 +124,8 @@ def load_dataset(config: TrainConfig) -> Dataset:
             config.channels,
             config.test_split,
             config.seed,
+            config.max_image_pixels,
+            config.strict,
         )
     return load_fashion_mnist(Path(config.data_dir) if config.data_dir else None)
 
@@ -321,6 +325,7 @@ def save_run(
                 "train_size": len(data.x_train),
                 "test_size": len(data.x_test),
                 "fingerprint": data.fingerprint(),
+                **(skipped_files(data) if config.image_dir is not None else {}),
             },
             "model": {
                 "parameters": int(model.count_params()),
@@ -342,6 +347,17 @@ def save_run(
         labels=data.y_test[:SAMPLE_IMAGES],
     )
     return draw_figures(run_dir / "figures", config, data, trained, outputs, metrics)
+
+
+def skipped_files(data: Dataset) -> dict[str, Any]:
+    """config.json's record of the image files that did not decode: their count, and the
+    first SKIPPED_LISTED of them (path relative to the folder, reason)."""
+    root = Path(data.source)
+    listed = [
+        {"path": str(s.path.relative_to(root)), "reason": s.reason}
+        for s in data.skipped[:SKIPPED_LISTED]
+    ]
+    return {"skipped_files": len(data.skipped), "skipped": listed}
 
 
 def run_title(config: TrainConfig) -> str:

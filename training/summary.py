@@ -22,7 +22,8 @@ def describe(run_dir: Path, export: dict[str, Any] | None) -> str:
         f"model          {metrics['family']}/{metrics['arch']}, "
         f"{config['model']['parameters']:,} parameters",
         f"data           {config['dataset']['name']} ({config['dataset']['train_size']:,} train, "
-        f"{config['dataset']['test_size']:,} test) from {config['dataset']['source']}",
+        f"{config['dataset']['test_size']:,} test{_skipped(config['dataset'])}) "
+        f"from {config['dataset']['source']}",
         f"epochs         {len(metrics['epochs'])} in {metrics['train_seconds']:.0f} s",
         f"test accuracy  {metrics['test_accuracy']:.4f}",
     ]
@@ -40,6 +41,11 @@ def describe(run_dir: Path, export: dict[str, Any] | None) -> str:
             f"{export['parity']['images']} test images"
         )
     return "\n".join(lines)
+
+
+def _skipped(dataset: dict[str, Any]) -> str:
+    count = dataset.get("skipped_files", 0)
+    return f"; {count:,} image files skipped, listed in config.json" if count else ""
 
 
 # What the seed notebooks and articles report for the same experiment (shared/seeds).

@@ -1,11 +1,10 @@
-"""Files -> pixels for scoring jobs: the service's decoding policy (service/images.py) applied to
-files, one batch per call. Runs in worker processes (local engine) and Ray tasks, so it imports
-nothing heavier than Pillow and numpy."""
+"""Files -> pixels for scoring jobs: the one image policy (imaging/policy.py, as the server and
+training apply it) applied to files, one batch per call. Runs in worker processes (local engine)
+and Ray tasks, so it imports nothing heavier than Pillow and numpy."""
 
 from __future__ import annotations
 
 import os
-import stat
 import threading
 import time
 from collections.abc import Sequence
@@ -13,11 +12,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from imaging import policy
 from service.errors import InvalidInput
-from service.images import decode
-
-SMALL_FILE_BYTES = 1 << 20  # read at once; larger files are decoded from the open file, so a
-# huge file or a pixel bomb costs its header, not its size
 
 
 @dataclass(frozen=True)
@@ -44,19 +40,19 @@ def decode_files(paths: Sequence[str], shape: tuple[int, int, int], max_pixels: 
 
 
 def decode_file(path: str, shape: tuple[int, int, int], max_pixels: int) -> np.ndarray:
-    check_regular(path)
-    with open(path, "rb") as file:
-        size = file.seek(0, 2)
-        file.seek(0)
-        if size <= SMALL_FILE_BYTES:
-            return decode(file.read(), shape, max_pixels)
-        return decode(file, shape, max_pixels)
+    """`imaging.policy.decode_file`; raises InvalidInput, and OSError when unreadable."""
+    try:
+        return policy.decode_file(path, shape, max_pixels)
+    except policy.ImageError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def check_regular(path: str) -> None:
     """A FIFO or a device named like an image would block or never end: refuse it unread."""
-    if not stat.S_ISREG(os.stat(path).st_mode):
-        raise InvalidInput("not a regular file")
+    try:
+        policy.check_regular(path)
+    except policy.ImageError as exc:
+        raise InvalidInput(str(exc)) from exc
 
 
 def read_error(exc: OSError) -> str:

@@ -15,11 +15,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from imaging import policy
+
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset(
-    {".png", ".jpg", ".jpeg", ".jpe", ".jfif", ".webp", ".bmp", ".dib", ".tif", ".tiff", ".gif"}
-)
+IMAGE_EXTENSIONS = policy.IMAGE_EXTENSIONS  # the names training takes for images too
 
 
 @dataclass(frozen=True)

@@ -101,12 +101,14 @@ def test_dependencies_install_before_the_code_is_copied():
     assert "optional-dependencies']['serve']" in build[deps].value
     assert [sources for i, sources in copies if i < deps] == [["pyproject.toml"]]
     assert any(sources == ["service/"] for i, sources in copies if i > deps)
+    assert any(sources == ["imaging/"] for i, sources in copies if i > deps)
 
 
 def test_build_context_holds_the_service_and_nothing_else():
     context = docker_context()
-    assert {"pyproject.toml", "README.md", "service/__main__.py"} <= set(context)
-    outside = [n for n in context if not n.startswith("service/")]
+    wanted = {"pyproject.toml", "README.md", "service/__main__.py", "imaging/policy.py"}
+    assert wanted <= set(context)
+    outside = [n for n in context if not n.startswith(("service/", "imaging/"))]
     assert sorted(outside) == ["README.md", "pyproject.toml"]
     assert not [n for n in context if "__pycache__" in n]
     for stage in dockerfile_stages():

@@ -1,5 +1,5 @@
 """The decode budget (service/memory.py) and what it bounds: the estimate of a decode's memory
-(service/images.py), refusals and releases, per image over a real server in both modes."""
+(imaging/policy.py), refusals and releases, per image over a real server in both modes."""
 
 from __future__ import annotations
 
@@ -136,7 +136,7 @@ def test_decode_holds_its_estimate_while_it_runs_and_refuses_it_before_decoding(
 MEASURE = """
 import io, re, sys
 from PIL import Image
-from service.images import _check_pixels, decode, decoding_bytes
+from imaging.policy import _check_pixels, decode, decoding_bytes
 path, mode, fmt = sys.argv[1:]
 data = open(path, "rb").read()
 warm = io.BytesIO()

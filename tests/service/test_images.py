@@ -1,4 +1,5 @@
-"""The decoding policy of service/images.py on real encoded files of every kind."""
+"""The image policy (imaging/policy.py), through the service's decode (service/images.py), on
+real encoded files of every kind."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
 """The layering of DESIGN.md, checked on real imports: the core is transport-free (no grpc, no
-HTTP framework) and nothing in service/ imports TensorFlow."""
+HTTP framework), nothing in service/ imports TensorFlow, and the image policy that training and
+the service share imports Pillow and numpy only, so training's loader has no serving stack."""
 
 from __future__ import annotations
 
@@ -48,3 +49,23 @@ def test_the_service_never_imports_tensorflow():
     loaded = imported_by(["service.server", "service.rest.app", "service.__main__",
                           "service.scoring.job", "service.supervisor"])  # fmt: skip
     assert not {name for name in loaded if name.split(".")[0] in ("tensorflow", "keras")}
+
+
+HEAVY = ("grpc", "google.protobuf", "onnxruntime", "tensorflow", "keras", "service", "training")
+
+
+def third_party(loaded: set[str]) -> set[str]:
+    """The top-level packages among `loaded` that are not the standard library's."""
+    return {n.split(".")[0] for n in loaded} - set(sys.stdlib_module_names) - {"__main__"}
+
+
+def test_the_image_policy_imports_pillow_and_numpy_only():
+    loaded = imported_by(["imaging.policy"])
+    leaked = sorted(name for name in third_party(loaded) if not name.startswith("_"))
+    assert leaked == ["PIL", "imaging", "numpy"]  # "_" names: the editable install's finder
+    assert not {name for name in loaded if name.split(".")[0] in HEAVY}
+
+
+def test_trainings_folder_loader_imports_no_serving_stack():
+    loaded = imported_by(["training.data", "training.config"])
+    assert not {name for name in loaded if name.split(".")[0] in HEAVY[:-1]}

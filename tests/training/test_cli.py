@@ -37,6 +37,8 @@ COMMON = (
     "--image-size",
     "--channels",
     "--test-split",
+    "--max-image-pixels",
+    "--strict",
     "--val-split",
     "--epochs",
     "--batch-size",
@@ -110,6 +112,9 @@ def test_environment_variables_set_options(sample_dir: Path, tmp_path: Path) -> 
         },
     )
     assert result.returncode == 0, result.stderr
+    # TensorFlow's chatter, at import and while fitting with validation data, is filtered
+    assert "use_unbounded_threadpool" not in result.stderr, result.stderr
+    assert "oneDNN" not in result.stderr and "absl::InitializeLog" not in result.stderr
     summary = json.loads(result.stdout)
     assert summary["run_dir"] == str(tmp_path / "run")
     config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]

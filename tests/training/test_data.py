@@ -145,8 +145,12 @@ def test_corrupt_image_and_bad_layout_are_named(tmp_path: Path) -> None:
     _save(tmp_path / "a" / "ok2.png", Image.new("L", (4, 4)))
     _save(tmp_path / "b" / "ok.png", Image.new("L", (4, 4)))
     (tmp_path / "b" / "broken.png").write_bytes(b"<html>not a png</html>")
-    with pytest.raises(DataError, match="broken.png: cannot decode"):
-        load_image_folder(tmp_path, 8, 1, 0.2, 0)
+    data = load_image_folder(tmp_path, 8, 1, 0.2, 0)
+    assert [(s.path.name, s.reason.split(" (")[0]) for s in data.skipped] == [
+        ("broken.png", "not a readable image")
+    ]
+    with pytest.raises(DataError, match=r"broken.png: not a readable image .*\(--strict\)"):
+        load_image_folder(tmp_path, 8, 1, 0.2, 0, strict=True)
     with pytest.raises(DataError, match="at least two"):
         list_labelled_images(tmp_path / "a")
     (tmp_path / "c").mkdir()

@@ -1,0 +1,1 @@
+"""The image policy that training and the service share (imaging/policy.py)."""
