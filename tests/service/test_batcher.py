@@ -207,7 +207,7 @@ def test_small_batches_can_run_on_the_loop_with_the_same_answers() -> None:
 
 def test_statistics_count_each_request_in_every_part_as_triton_does() -> None:
     from service.core import Stats
-    from service.engine.core import record_batch
+    from service.engine.gauges import record_batch
 
     stats = Stats()
     report = BatchReport(size=4, queue_s=[0.001, 0.002, 0.003], compute_s=0.010, ok=True,
