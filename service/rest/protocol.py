@@ -1,11 +1,19 @@
-"""uvicorn's httptools protocol with the two limits it lacks against hostile clients: the size of
-a request's head (URL and headers) and the time the head may take to arrive.
+"""uvicorn's httptools protocol with the two limits it lacks against hostile clients, the size of
+a request's head (URL and headers) and the time the head may take to arrive, and a lingering
+close.
 
-Without them one client can grow a header without end (memory, and a quadratic URL join), or
-hold a connection open forever by sending one header byte now and then: uvicorn's keep-alive
+Without the limits one client can grow a header without end (memory, and a quadratic URL join),
+or hold a connection open forever by sending one header byte now and then: uvicorn's keep-alive
 timer stops at the first byte. A head over MAX_HEAD_BYTES is answered 400 by uvicorn's own
 parser-error path; one slower than --http-body-timeout-s is answered 408 and the connection
 closed. The body has its own limits (rest/calls.py).
+
+A lingering close (what nginx and Apache do): an answer sent before the request's body was read
+(413, 429, 401, 503 while draining) is followed by a close, and closing a socket that still has
+unread bytes makes the kernel send a reset, which can destroy that answer in the client before
+the client reads it (it sees "connection reset" instead of 413). So the connection stops
+sending, then reads and drops what the client still sends, until the client closes or LINGER_S
+pass, and only then closes.
 """
 
 from __future__ import annotations
@@ -16,6 +24,7 @@ from typing import Any
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 MAX_HEAD_BYTES = 64 * 1024  # URL plus every header name and value of one request
+LINGER_S = 2.0  # longest a closing connection reads and drops what its client still sends
 _BODY = b'{"error": "the request head did not arrive in time (--http-body-timeout-s)"}'
 TIMEOUT_408 = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\n"
@@ -34,6 +43,21 @@ class GuardedHttpTools(HttpToolsProtocol):
     head_timeout_s = 30.0
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
+    _lingering = False
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        # uvicorn closes through self.transport (the protocol's and each request's): linger
+        self.transport = Lingering(transport, self)  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if not self._lingering:  # else: the rest of an answered request, dropped
+            super().data_received(data)
+
+    def eof_received(self) -> None:
+        if self._lingering:
+            self.transport.close()  # the client is done sending: close now
+        super().eof_received()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -78,3 +102,34 @@ class GuardedHttpTools(HttpToolsProtocol):
 def guarded(head_timeout_s: float) -> type[GuardedHttpTools]:
     """The protocol class for one server (a subclass, so that no server changes another's)."""
     return type("GuardedHttpTools", (GuardedHttpTools,), {"head_timeout_s": head_timeout_s})
+
+
+class Lingering:
+    """A transport whose close() lingers (see the module's docstring); the rest is the
+    transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpTools) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self._closing = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self._closing or self._transport.is_closing()
+
+    def close(self) -> None:
+        transport = self._transport
+        if self._closing:
+            if not transport.is_closing():
+                transport.close()  # the second close (the client's EOF, or LINGER_S): now
+            return
+        self._closing = True
+        if transport.is_closing():
+            return
+        self._protocol._lingering = True
+        if transport.can_write_eof():  # TCP: FIN after the answer (TLS cannot half-close)
+            transport.write_eof()
+        transport.resume_reading()  # uvicorn may have paused it: the client must not stall
+        self._protocol.loop.call_later(LINGER_S, self.close)

@@ -360,6 +360,21 @@ def test_a_body_over_the_limit_is_413_and_not_read(guarded):
     assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
 
 
+def test_an_early_413_reaches_a_client_that_is_still_sending(server: Served):
+    # Answered from Content-Length before the body is read; the client goes on sending 8 MB
+    # (more than the sockets' buffers hold) and only then reads. Without a lingering close the
+    # server's close would reset the connection under it and the 413 would be lost.
+    with socket.create_connection(("127.0.0.1", server.http_port), timeout=30) as raw:
+        raw.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 100000000\r\n"
+                    "\r\n".encode())  # fmt: skip
+        raw.sendall(b" " * 8_000_000)
+        answer = b""
+        while chunk := raw.recv(65536):
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert b"connection: close" in answer.lower()
+
+
 def test_heads_are_bounded_in_size_and_time(guarded):
     served, context = guarded
     # model readiness tells which models exist: it needs the token, as gRPC ModelReady does
