@@ -26,12 +26,16 @@ from typing import BinaryIO
 #   every import prints "oneDNN custom operations are on" twice;
 # - one ERROR line that is not an error: when Keras fits with validation arrays, its pipeline
 #   maps batches with an attribute (use_unbounded_threadpool) that TensorFlow's runtime op lacks
-#   and ignores ("Unknown attributes will be ignored"), and TensorFlow says so once per fit.
+#   and ignores ("Unknown attributes will be ignored"), and TensorFlow says so once per fit;
+# - one more: Grappler's remapper pass, which fuses ops for speed, gives up on the seed
+#   network's LeakyReLU gradient ("remapper failed: ... LeakyReluGrad"); the graph then runs
+#   unfused, with the same results.
 _NATIVE_CHATTER = re.compile(
     rb"^(WARNING: All log messages before absl::InitializeLog\(\) is called"
     rb"|[IW]\d{4} "
     rb"|E\d{4} .*\] NodeDef mentions attribute use_unbounded_threadpool which is not in the op "
-    rb"definition)"
+    rb"definition"
+    rb"|E\d{4} .*\] remapper failed: .*LeakyReluGrad)"
 )
 RELAY_EXIT_TIMEOUT_S = 5.0  # at exit, how long the relay may take to pass on the last lines
 

@@ -19,10 +19,17 @@ THREADPOOL = (
     "may be expected if your graph generating binary is newer  than this binary. Unknown "
     "attributes will be ignored. NodeDef: {{node ParallelMapDatasetV2/_15}}"
 )
+REMAPPER = (
+    "E0000 00:00:1796197578.362800     518 meta_optimizer.cc:967] remapper failed: "
+    "INVALID_ARGUMENT: Mutation::Apply error: fanout 'StatefulPartitionedCall/gradient_tape/"
+    "functional_1/leaky2_1/LeakyRelu/LeakyReluGrad' exist for missing node "
+    "'StatefulPartitionedCall/functional_1/conv2_1/BiasAdd'."
+)
 CHATTER = [
     "WARNING: All log messages before absl::InitializeLog() is called are written to STDERR",
     "I0000 00:00:1796195377.068673    7169 port.cc:153] oneDNN custom operations are on.",
     THREADPOOL,
+    REMAPPER,
 ]
 KEPT = [
     "E0000 00:00:1796195250.324891    5746 some_op.cc:967] a real error",
@@ -59,8 +66,13 @@ def test_native_chatter_is_dropped_and_the_rest_passed_on(then: str) -> None:
     assert sorted(kept) == sorted([*KEPT, "python says hello"])  # nothing lost on abort either
 
 
-def test_the_threadpool_line_is_chatter_but_other_errors_are_not() -> None:
-    other = THREADPOOL.replace("use_unbounded_threadpool", "some_attribute")
+@pytest.mark.parametrize(
+    "chatter, word, other_word",
+    [(THREADPOOL, "use_unbounded_threadpool", "some_attribute"),
+     (REMAPPER, "remapper failed", "layout failed")],
+)  # fmt: skip
+def test_the_known_lines_are_chatter_but_other_errors_are_not(chatter, word, other_word) -> None:
+    other = chatter.replace(word, other_word)
     sink = io.BytesIO()
-    relay(io.BytesIO(f"{THREADPOOL}\n{other}\n".encode()), sink)
+    relay(io.BytesIO(f"{chatter}\n{other}\n".encode()), sink)
     assert sink.getvalue().decode() == other + "\n"
