@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -57,36 +59,86 @@ SEED_NUMBERS = {
 }
 
 
-def table_row(run_dir: Path) -> str:
-    metrics = json.loads((run_dir / "metrics.json").read_text())
-    family, arch = metrics["family"], metrics["arch"]
-    model = f"{family} --arch {arch}" if family != "vgg16" else "vgg16"
-    accuracy = f"{metrics['test_accuracy']:.4f}"
-    epochs = str(len(metrics["epochs"]))
-    if family == "transfer":
-        after = metrics["transfer"]["after_transfer"]
-        accuracy = (
-            f"{after['all']:.4f} / {after['pretrain_classes']:.4f} / {after['new_classes']:.4f}"
-        )
-        phases = [row["phase"] for row in metrics["epochs"]]
-        epochs = f"{phases.count('pretrain')} + {phases.count('transfer')}"
-    if family == "vgg16":
-        model += f" --base-weights {metrics['base_weights']}"
-        if metrics["base_weights"] == "none":
-            model += " (random frozen base, no pretrained weights)"
-    seconds = metrics["train_seconds"]
+@dataclass(frozen=True)
+class Run:
+    """What the table needs of one run directory (its metrics.json and config.json)."""
+
+    model: str  # the row's name: family, arch, base weights
+    key: str  # the SEED_NUMBERS key
+    epochs: str
+    minutes: float
+    accuracies: tuple[float, ...]  # test accuracy; transfer: all / pretraining / new classes
+    seed: int
+
+    @classmethod
+    def read(cls, run_dir: Path) -> Run:
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        config = json.loads((run_dir / "config.json").read_text())
+        family, arch = metrics["family"], metrics["arch"]
+        model = f"{family} --arch {arch}" if family != "vgg16" else "vgg16"
+        accuracies: tuple[float, ...] = (metrics["test_accuracy"],)
+        epochs = str(len(metrics["epochs"]))
+        if family == "transfer":
+            after = metrics["transfer"]["after_transfer"]
+            accuracies = (after["all"], after["pretrain_classes"], after["new_classes"])
+            phases = [row["phase"] for row in metrics["epochs"]]
+            epochs = f"{phases.count('pretrain')} + {phases.count('transfer')}"
+        if family == "vgg16":
+            model += f" --base-weights {metrics['base_weights']}"
+            if metrics["base_weights"] == "none":
+                model += " (random frozen base, no pretrained weights)"
+        seed = int(config.get("config", config).get("seed", 0))
+        minutes = metrics["train_seconds"] / 60
+        return cls(model, f"{family}/{arch}", epochs, minutes, accuracies, seed)
+
+
+def runs_in(paths: list[Path]) -> list[Path]:
+    """Run directories: each path itself (it holds metrics.json), or the runs below it (a folder
+    of committed results, one sub-folder per run)."""
+    found = []
+    for path in paths:
+        if (path / "metrics.json").is_file():
+            found.append(path)
+            continue
+        below = sorted(p.parent for p in path.glob("**/metrics.json"))
+        if not below:
+            raise ValueError(f"{path}: no metrics.json in it or below it")
+        found += below
+    return found
+
+
+def spread(values: list[float]) -> str:
+    """mean ± sample standard deviation, and min-max (one value: itself)."""
+    if len(values) == 1:
+        return f"{values[0]:.4f}"
+    mean, sd = statistics.mean(values), statistics.stdev(values)
+    return f"{mean:.4f} ± {sd:.4f} ({min(values):.4f}-{max(values):.4f})"
+
+
+def table_row(group: list[Run]) -> str:
+    first = group[0]
+    accuracy = " / ".join(
+        spread([run.accuracies[i] for run in group]) for i in range(len(first.accuracies))
+    )
+    minutes = statistics.mean(run.minutes for run in group)
+    seeds = ", ".join(str(run.seed) for run in sorted(group, key=lambda run: run.seed))
     return (
-        f"| {model} | {epochs} | {seconds / 60:.1f} min | {accuracy} | "
-        f"{SEED_NUMBERS.get(f'{family}/{arch}', '')} |"
+        f"| {first.model} | {first.epochs} | {len(group)} ({seeds}) | {minutes:.1f} min | "
+        f"{accuracy} | {SEED_NUMBERS.get(first.key, '')} |"
     )
 
 
-def table(run_dirs: list[Path]) -> str:
+def table(paths: list[Path]) -> str:
+    """One row per experiment (model and epochs), over however many seeds ran it."""
+    groups: dict[tuple[str, str], list[Run]] = {}
+    for run_dir in runs_in(paths):
+        run = Run.read(run_dir)
+        groups.setdefault((run.model, run.epochs), []).append(run)
     header = (
-        "| model | epochs | training time | test accuracy measured here | the seed's number |\n"
-        "| --- | --- | --- | --- | --- |"
+        "| model | epochs | seeds | training time (mean) | test accuracy measured here: "
+        "mean ± sd (min-max) | the seed's number |\n| --- | --- | --- | --- | --- | --- |"
     )
-    return "\n".join([header, *(table_row(run_dir) for run_dir in run_dirs)])
+    return "\n".join([header, *(table_row(group) for group in groups.values())])
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -94,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m training.summary",
         usage="python -m training.summary RUN [EXPORT_JSON] | --table RUN...",
         description="Print what a training run (and its export) produced, or, with --table, "
-        "one Markdown row per run beside the seeds' numbers.",
+        "one Markdown row per experiment (mean ± sd over the runs of its seeds) beside the "
+        "seeds' numbers.",
     )
     parser.add_argument(
         "run", nargs="?", type=Path, metavar="RUN", help="a run directory (python -m training)"
@@ -107,7 +160,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the JSON that python -m export printed for that run",
     )
     parser.add_argument(
-        "--table", nargs="+", type=Path, metavar="RUN", help="print the table of these runs"
+        "--table",
+        nargs="+",
+        type=Path,
+        metavar="RUN",
+        help="print the table of these runs: run directories, or folders holding run "
+        "directories (e.g. results/, the committed metrics of every seed); runs of the same "
+        "model and epochs make one row",
     )
     return parser
 
