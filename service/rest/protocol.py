@@ -105,37 +105,21 @@ def guarded(head_timeout_s: float) -> type[GuardedHttpTools]:
 
 
 class Lingering:
-    """A transport whose close() lingers (see the module's docstring) and whose writes in one
-    loop turn go out as one: uvicorn writes a response's head and its body separately, which
-    is two send() calls and two TCP segments for each small answer (both ends pay for each).
-    The rest is the transport's own."""
+    """A transport whose close() lingers (see the module's docstring); the rest is the
+    transport's own."""
 
     def __init__(self, transport: asyncio.Transport, protocol: GuardedHttpTools) -> None:
         self._transport = transport
         self._protocol = protocol
         self._closing = False
-        self._pending: list[bytes] = []
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
-
-    def write(self, data: bytes) -> None:
-        if not self._pending:
-            self._protocol.loop.call_soon(self._flush)
-        self._pending.append(data)
-
-    def _flush(self) -> None:
-        if self._pending:
-            data = self._pending[0] if len(self._pending) == 1 else b"".join(self._pending)
-            self._pending = []
-            if not self._transport.is_closing():
-                self._transport.write(data)
 
     def is_closing(self) -> bool:
         return self._closing or self._transport.is_closing()
 
     def close(self) -> None:
-        self._flush()  # what uvicorn wrote goes before the close
         transport = self._transport
         if self._closing:
             if not transport.is_closing():
