@@ -29,6 +29,7 @@ def describe(run_dir: Path, export: dict[str, Any] | None) -> str:
     ]
     if metrics.get("base_weights") == "none":
         lines.append("               (random frozen VGG16 base: no pretrained weights)")
+    lines.extend(_recipe_lines(config["config"], metrics))
     lines.append(
         "figures        "
         + "\n               ".join(str(p) for p in sorted((run_dir / "figures").glob("*.png")))
@@ -41,6 +42,42 @@ def describe(run_dir: Path, export: dict[str, Any] | None) -> str:
             f"{export['parity']['images']} test images"
         )
     return "\n".join(lines)
+
+
+def _recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """How it fitted: optimizer, augmentation, early stopping, fine-tuning (when used)."""
+    optimizer = f"{config.get('optimizer', 'adam')} lr {config['learning_rate']:.0e}"
+    if config.get("momentum") is not None:
+        optimizer += f" momentum {config['momentum']}"
+    augment = config.get("augment")
+    if isinstance(augment, dict):
+        flip = "on" if augment["flip"] else "off"
+        amounts = f" (shear {augment['shear']:g}, zoom {augment['zoom']:g}, flip {flip})"
+        augment = augment["preset"] + ("" if augment["preset"] == "none" else amounts)
+    lines = [
+        f"recipe         {optimizer}, {config['schedule']} schedule, batch {config['batch_size']}",
+        f"augmentation   {augment}",
+    ]
+    for stop in metrics.get("early_stopping", {}).get("phases", []):
+        what = "stopped after" if stop["stopped_early"] else "ran to"
+        lines.append(
+            f"early stopping {stop['phase']}: {what} epoch {stop['last_epoch']} "
+            f"(patience {metrics['early_stopping']['patience']}), "
+            f"weights of epoch {stop['best_epoch']}"
+        )
+    if "fine_tune" in metrics:
+        tune = metrics["fine_tune"]
+        blocks = sorted({name.split("_")[0] for name in tune["trainable_layers"]})
+        lines.append(
+            f"fine-tuning    {', '.join(blocks)} and the head, {_count(tune['epochs'], 'epoch')} "
+            f"at lr {tune['learning_rate']:.0e}: test accuracy {tune['test_accuracy_before']:.4f}"
+            f" before, {tune['test_accuracy_after']:.4f} after"
+        )
+    return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _skipped(dataset: dict[str, Any]) -> str:
@@ -72,6 +109,15 @@ def table_row(run_dir: Path) -> str:
         epochs = f"{phases.count('pretrain')} + {phases.count('transfer')}"
     if family == "vgg16":
         model += f" --base-weights {metrics['base_weights']}"
+        if "fine_tune" in metrics:
+            tune = metrics["fine_tune"]
+            model += f" --fine-tune-blocks {tune['blocks']}"
+            accuracy = (
+                f"{tune['test_accuracy_before']:.4f} head only, "
+                f"{tune['test_accuracy_after']:.4f} fine-tuned"
+            )
+            phases = [row["phase"] for row in metrics["epochs"]]
+            epochs = f"{phases.count('head')} + {phases.count('fine-tune')}"
         if metrics["base_weights"] == "none":
             model += " (random frozen base, no pretrained weights)"
     seconds = metrics["train_seconds"]
