@@ -207,7 +207,7 @@ def fine_tune(config: TrainConfig, data: Dataset, base: keras.Model, trained: Tr
     before = _test_accuracy(model, data)
     unfrozen = models.unfreeze_last_blocks(base, config.fine_tune_blocks)
     log.info(
-        "fine-tuning: last %d of %d blocks (%s) and the head, lr %.1e, %d epochs; "
+        "fine-tuning: last %d of %d blocks (%s) and the head, lr %.1e, epochs %d; "
         "test accuracy before %.4f",
         config.fine_tune_blocks,
         VGG16_BLOCKS,

@@ -222,12 +222,15 @@ def _fitted(
         return Fitted(rows)
     best = first_epoch + int(stopper.best_epoch)
     stopped = len(rows) < epochs
+    ran = (
+        f"stopped after epoch {rows[-1]['epoch']} of {first_epoch + epochs - 1}"
+        if stopped
+        else f"ran all {epochs} epochs"
+    )
     log.info(
-        "%searly stopping: %s after epoch %d of %d; weights of epoch %d (best val_loss %.4f)",
+        "%searly stopping: %s; the model keeps the weights of epoch %d (best val_loss %.4f)",
         f"[{phase}] " if phase else "",
-        "stopped" if stopped else "not needed, ran",
-        rows[-1]["epoch"] if rows else first_epoch - 1,
-        first_epoch + epochs - 1,
+        ran,
         best,
         float(stopper.best),
     )
