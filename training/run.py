@@ -54,6 +54,8 @@ def run(config: TrainConfig, overwrite: bool = False) -> dict[str, Any]:
     outputs = models.predict(trained.model, data.x_test)
     test = reports.evaluation(data.y_test, outputs["probabilities"], data.labels)
     log.info("test accuracy %.4f on %d images", test["accuracy"], test["size"])
+    if "fine_tune" in trained.extra:
+        trained.extra["fine_tune"]["test_accuracy_after"] = test["accuracy"]
     metrics = {
         "family": config.family,
         "arch": config.arch,
