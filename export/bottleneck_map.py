@@ -152,8 +152,6 @@ def _test_set(config: dict[str, Any]) -> tuple[np.ndarray, np.ndarray, bool]:
     from training.config import TrainConfig  # noqa: PLC0415 - TensorFlow-free, but heavy
     from training.run import load_dataset  # noqa: PLC0415
 
-    values = dict(config["config"])
-    values["pretrain_classes"] = tuple(values.get("pretrain_classes", ()))
-    data = load_dataset(TrainConfig(**values))
+    data = load_dataset(TrainConfig.from_json(config["config"]))
     expected = config["dataset"].get("fingerprint")
     return data.x_test, data.y_test, expected is None or expected == data.fingerprint()

@@ -103,7 +103,7 @@ def build_metadata(
             "base_weights": base_weights,
             "base_weights_real": config["model"]["base_weights_real"],
             "parameters": config["model"]["parameters"],
-            **({"transfer": metrics["transfer"]} if "transfer" in metrics else {}),
+            **{k: metrics[k] for k in ("transfer", "fine_tune") if k in metrics},
         },
         "packages": package_versions(),
         "exported_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

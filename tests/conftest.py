@@ -34,7 +34,7 @@ def sample_dir() -> Path:
 
 def train_config(out: Path, family: str = "scratch", **changes):
     """A 1-epoch config on the committed sample (the smoke-test shape of every run)."""
-    from training.config import ARCH_DEFAULTS, TrainConfig
+    from training.config import ARCH_DEFAULTS, Augmentation, TrainConfig
 
     arch = changes.pop("arch", "seed" if family != "vgg16" else "vgg16")
     defaults = ARCH_DEFAULTS[arch]
@@ -46,7 +46,7 @@ def train_config(out: Path, family: str = "scratch", **changes):
         "batch_size": defaults["batch_size"],
         "learning_rate": defaults["learning_rate"],
         "schedule": defaults["schedule"],
-        "augment": defaults["augment"],
+        "augment": Augmentation.preset(defaults["augment"]),
         "data_dir": str(SAMPLE_DIR),
         "seed": 7,
     }

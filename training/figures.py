@@ -1,4 +1,5 @@
-"""The run's figures: learning curves, confusion matrix, bottleneck plane, first-layer filters."""
+"""The run's figures: learning curves, confusion matrix, bottleneck plane, first-layer filters,
+the feature maps of the convolutional layers, and the test images most confidently misread."""
 
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def learning_curves(path: Path, rows: Sequence[dict[str, Any]], title: str) -> P
     """Loss and accuracy per epoch, training and validation side by side."""
     fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
     epochs = [row["epoch"] for row in rows]
-    phases = sorted({row.get("phase", "") for row in rows})
+    phases = list(dict.fromkeys(row.get("phase", "") for row in rows))  # in the order they ran
     for ax, key, name in ((ax_loss, "loss", "loss"), (ax_acc, "accuracy", "accuracy")):
         ax.plot(epochs, [r[key] for r in rows], "o-", ms=3, label=f"training {name}")
         ax.plot(epochs, [r[f"val_{key}"] for r in rows], "s-", ms=3, label=f"validation {name}")
@@ -132,4 +133,91 @@ def filters(path: Path, kernel: np.ndarray, title: str) -> Path:
             ax.imshow(kernel[:, :, c, f], cmap="RdBu_r", vmin=-limit, vmax=limit)
             ax.set_title(f"#{f}" + (f" ch{c}" if n_in > 1 else ""), fontsize=7)
     fig.suptitle(f"{title}\nweights: red > 0 > blue")
+    return _save(fig, path)
+
+
+def _show_image(ax: Any, image: np.ndarray) -> None:
+    """One (H, W, C) uint8 image as pixels: gray for one channel, RGB for three."""
+    if image.shape[-1] == 1:
+        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    else:
+        ax.imshow(image, interpolation="nearest")
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def mosaic(maps: np.ndarray, count: int) -> np.ndarray:
+    """The first `count` maps of (H, W, C) as one 2-D array of tiles (each scaled to its own
+    range, 0-1) with a one-pixel NaN gap; columns a power of two, about square."""
+    h, w, _ = maps.shape
+    cols = 2 ** int(np.ceil(np.log2(np.sqrt(count)))) if count > 1 else 1
+    rows = int(np.ceil(count / cols))
+    sheet = np.full((rows * (h + 1) - 1, cols * (w + 1) - 1), np.nan)
+    for index in range(count):
+        tile = maps[..., index].astype(np.float64)
+        span = tile.max() - tile.min()
+        tile = (tile - tile.min()) / span if span > 0 else np.zeros_like(tile)
+        r, c = divmod(index, cols)
+        sheet[r * (h + 1) : r * (h + 1) + h, c * (w + 1) : c * (w + 1) + w] = tile
+    return sheet
+
+
+def activations(
+    path: Path,
+    images: np.ndarray,
+    classes: Sequence[str],
+    maps: Sequence[tuple[str, np.ndarray]],
+    title: str,
+    max_maps: int = 16,
+) -> Path:
+    """One row per image (one test image per class): the image, then each convolutional
+    layer's feature maps as a mosaic (at most `max_maps` of them, each scaled to its range)."""
+    rows, cols = len(images), 1 + len(maps)
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(1.8 + 2.7 * len(maps), 1.6 * rows + 1.0), squeeze=False
+    )
+    cmap = plt.get_cmap("viridis").with_extremes(bad="white")
+    for row, (image, name) in enumerate(zip(images, classes, strict=True)):
+        _show_image(axes[row, 0], image)
+        axes[row, 0].set_ylabel(name, rotation=0, ha="right", va="center", fontsize=10)
+        for ax in axes[row, 1:]:
+            ax.axis("off")
+        for col, (_, outputs) in enumerate(maps, start=1):
+            count = min(outputs.shape[-1], max_maps)
+            axes[row, col].imshow(mosaic(outputs[row], count), cmap=cmap, interpolation="nearest")
+    axes[0, 0].set_title("test image", fontsize=10)
+    for col, (layer, outputs) in enumerate(maps, start=1):
+        _, h, w, c = outputs.shape
+        shown = f"\nfirst {max_maps} of {c} maps" if c > max_maps else ""
+        axes[0, col].set_title(f"{layer}: {h}x{w}x{c}{shown}", fontsize=10)
+    fig.suptitle(f"{title}\neach feature map scaled to its own range: dark low, yellow high")
+    return _save(fig, path)
+
+
+def misread(
+    path: Path,
+    images: np.ndarray,
+    captions: Sequence[str],
+    title: str,
+    columns: int = 4,
+) -> Path:
+    """The given (N, H, W, C) uint8 test images in a grid, each with its caption (true and
+    predicted label); a short note instead when there are none."""
+    count = len(images)
+    cols = max(1, min(columns, count))
+    rows = max(1, int(np.ceil(count / cols)))
+    fig, axes = plt.subplots(
+        rows, cols, figsize=(2.6 * cols + 0.4, 2.7 * rows + 0.9), squeeze=False
+    )
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, image, caption in zip(axes.flat, images, captions, strict=False):
+        _show_image(ax, image)
+        ax.axis("on")
+        for spine in ax.spines.values():
+            spine.set_visible(False)
+        ax.set_title(caption, fontsize=9)
+    if not count:
+        axes[0, 0].text(0.5, 0.5, "no test image is misread", ha="center", va="center")
+    fig.suptitle(title)
     return _save(fig, path)

@@ -1,16 +1,48 @@
-"""Fitting: seeding, the input pipeline, the per-epoch progress line, compile + fit."""
+"""Fitting: seeding, the input pipeline (with its augmentation), the per-epoch progress line,
+the optimizer, early stopping, compile + fit.
+
+Augmentation lives in the input pipeline, never in a model: the training batches are changed
+before the model sees them, so validation, test, the saved model and its export are untouched.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from typing import Any
 
 import keras
 import numpy as np
 import tensorflow as tf
 
+from training.config import Augmentation
+
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one phase fits: every setting `fit` needs beside the model and the data."""
+
+    epochs: int
+    batch_size: int
+    learning_rate: float
+    schedule: str
+    seed: int
+    augment: Augmentation = Augmentation()
+    optimizer: str = "adam"
+    momentum: float | None = None
+    patience: int = 0  # 0: every epoch runs
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """A phase's per-epoch rows and, with early stopping, where it stopped."""
+
+    rows: list[dict[str, Any]]
+    stopped_early: bool = False
+    best_epoch: int | None = None  # numbered as the rows are; its weights are the model's
 
 
 def seed_everything(seed: int) -> None:
@@ -41,17 +73,45 @@ def _flip_half(images: tf.Tensor, seed: tf.Tensor) -> tf.Tensor:
     return tf.where(flip, tf.reverse(images, axis=[2]), images)
 
 
+def geometric_layers(augment: Augmentation, seed: int) -> keras.Sequential | None:
+    """Keras's RandomShear and RandomZoom for the amounts that are not 0 (None when both are),
+    seeded, filling with the nearest edge pixel as the cats/dogs recipe's generator did."""
+    chosen: list[keras.layers.Layer] = []
+    if augment.shear > 0:
+        chosen.append(
+            keras.layers.RandomShear(
+                x_factor=augment.shear, fill_mode="nearest", seed=seed, name="shear"
+            )
+        )
+    if augment.zoom > 0:
+        zoom = (-augment.zoom, augment.zoom)
+        chosen.append(
+            keras.layers.RandomZoom(zoom, zoom, fill_mode="nearest", seed=seed + 1, name="zoom")
+        )
+    return keras.Sequential(chosen, name="augmentation") if chosen else None
+
+
+def _geometric(images: tf.Tensor, layers: keras.Sequential) -> tf.Tensor:
+    """(N, H, W, C) uint8 -> the same, sheared and zoomed: the model still gets pixels."""
+    moved = layers(tf.cast(images, tf.float32), training=True)
+    return tf.cast(tf.clip_by_value(tf.round(moved), 0.0, 255.0), tf.uint8)
+
+
 def train_pipeline(
-    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment: bool
+    x: np.ndarray, y: np.ndarray, batch_size: int, seed: int, augment: Augmentation
 ) -> tf.data.Dataset:
-    """Shuffled (seeded, new order each epoch) batches, randomly mirrored when asked."""
+    """Shuffled (seeded, new order each epoch) batches, augmented as asked: the same seed
+    gives the same images every run, a new draw every epoch."""
     data = tf.data.Dataset.from_tensor_slices((x, y))
     data = data.shuffle(len(x), seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    if augment:
+    if augment.flip:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         data = tf.data.Dataset.zip((data, seeds)).map(
             lambda batch, s: (_flip_half(batch[0], s), batch[1])
         )
+    layers = geometric_layers(augment, seed)
+    if layers is not None:
+        data = data.map(lambda images, labels: (_geometric(images, layers), labels))
     return data.prefetch(tf.data.AUTOTUNE)
 
 
@@ -98,41 +158,80 @@ class EpochLine(keras.callbacks.Callback):
         )
 
 
+def make_optimizer(
+    name: str, rate: float | keras.optimizers.schedules.LearningRateSchedule, momentum: float | None
+) -> keras.optimizers.Optimizer:
+    if name == "sgd":
+        return keras.optimizers.SGD(learning_rate=rate, momentum=momentum or 0.0)
+    return keras.optimizers.Adam(learning_rate=rate)
+
+
+def _rate(recipe: Recipe, steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    if recipe.schedule == "cosine":
+        return keras.optimizers.schedules.CosineDecay(
+            recipe.learning_rate, decay_steps=recipe.epochs * steps, alpha=0.01
+        )
+    return recipe.learning_rate
+
+
 def fit(
     model: keras.Model,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
+    recipe: Recipe,
     *,
-    epochs: int,
-    batch_size: int,
-    learning_rate: float,
-    schedule: str,
-    augment: bool,
-    seed: int,
     phase: str = "",
     first_epoch: int = 1,
-) -> list[dict[str, Any]]:
-    """Compile `model` (one softmax output, integer labels) with Adam and fit it; epoch rows."""
+) -> Fitted:
+    """Compile `model` (one softmax output, integer labels) as `recipe` says and fit it."""
     x, y = train
-    steps = max(1, int(np.ceil(len(x) / batch_size)))
-    rate: float | keras.optimizers.schedules.LearningRateSchedule = learning_rate
-    if schedule == "cosine":
-        rate = keras.optimizers.schedules.CosineDecay(
-            learning_rate, decay_steps=epochs * steps, alpha=0.01
-        )
+    steps = max(1, int(np.ceil(len(x) / recipe.batch_size)))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=rate),
+        optimizer=make_optimizer(recipe.optimizer, _rate(recipe, steps), recipe.momentum),
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
     )
-    progress = EpochLine(epochs, phase, first_epoch)
+    progress = EpochLine(recipe.epochs, phase, first_epoch)
+    callbacks: list[keras.callbacks.Callback] = [progress]
+    stopper = None
+    if recipe.patience > 0 and len(val[0]):
+        stopper = keras.callbacks.EarlyStopping(
+            monitor="val_loss", patience=recipe.patience, restore_best_weights=True
+        )
+        callbacks.append(stopper)
     model.fit(
-        train_pipeline(x, y, batch_size, seed, augment),
+        train_pipeline(x, y, recipe.batch_size, recipe.seed, recipe.augment),
         validation_data=val if len(val[0]) else None,
-        validation_batch_size=max(batch_size, 256),
-        epochs=epochs,
+        validation_batch_size=max(recipe.batch_size, 256),
+        epochs=recipe.epochs,
         shuffle=False,  # the pipeline shuffles, with the seed
-        callbacks=[progress],
+        callbacks=callbacks,
         verbose=0,
     )
-    return progress.rows
+    return _fitted(progress.rows, stopper, recipe.epochs, phase, first_epoch)
+
+
+def _fitted(
+    rows: list[dict[str, Any]],
+    stopper: keras.callbacks.EarlyStopping | None,
+    epochs: int,
+    phase: str,
+    first_epoch: int,
+) -> Fitted:
+    if stopper is None:
+        return Fitted(rows)
+    best = first_epoch + int(stopper.best_epoch)
+    stopped = len(rows) < epochs
+    ran = (
+        f"stopped after epoch {rows[-1]['epoch']} of {first_epoch + epochs - 1}"
+        if stopped
+        else f"ran all {epochs} epochs"
+    )
+    log.info(
+        "%searly stopping: %s; the model keeps the weights of epoch %d (best val_loss %.4f)",
+        f"[{phase}] " if phase else "",
+        ran,
+        best,
+        float(stopper.best),
+    )
+    return Fitted(rows, stopped_early=stopped, best_epoch=best)

@@ -78,8 +78,10 @@ def build_scratch(arch: str, input_shape: tuple[int, int, int], num_classes: int
 
 
 def classifier_view(model: keras.Model) -> keras.Model:
-    """The same layers with only the `probabilities` output: what `fit` trains."""
-    return keras.Model(model.inputs, model.get_layer("probabilities").output)
+    """The same layers with only the `probabilities` output: what `fit` trains. Taken from the
+    model's own outputs: an assembled VGG16 calls the head's layers a second time."""
+    outputs = dict(zip(model.output_names, model.outputs, strict=True))
+    return keras.Model(model.inputs, outputs["probabilities"])
 
 
 def vgg16_base(image_size: int, base_weights: str) -> keras.Model:
@@ -106,6 +108,20 @@ def vgg16_base(image_size: int, base_weights: str) -> keras.Model:
         raise ConfigError(f"cannot load VGG16 weights {base_weights!r}: {exc}") from exc
     base.trainable = False
     return base
+
+
+def unfreeze_last_blocks(base: keras.Model, blocks: int) -> list[str]:
+    """Make the last `blocks` of VGG16's convolutional blocks trainable (block5 first), the
+    others frozen; the names of the layers that now learn. VGG16 has no batch norm, so no
+    layer needs to stay in inference mode."""
+    names = {f"block{index}" for index in range(6 - blocks, 6)}
+    base.trainable = True
+    unfrozen = []
+    for layer in base.layers:
+        layer.trainable = layer.name.split("_")[0] in names
+        if layer.trainable and layer.weights:
+            unfrozen.append(layer.name)
+    return unfrozen
 
 
 def vgg16_features(
@@ -156,3 +172,15 @@ def predict(model: keras.Model, images: Any, batch_size: int = 256) -> dict[str,
 def conv_layers(model: keras.Model) -> list[keras.layers.Layer]:
     """The convolutional layers (what `transfer` freezes), in order."""
     return [layer for layer in model.layers if isinstance(layer, layers.Conv2D)]
+
+
+def feature_maps(model: keras.Model, images: Any) -> list[tuple[str, Any]]:
+    """(layer name, (N, H, W, C) float32 outputs) of every convolutional layer, in order."""
+    conv = conv_layers(model)
+    if not conv:
+        return []
+    probe = keras.Model(model.inputs, [layer.output for layer in conv])
+    outputs = probe.predict(images, batch_size=256, verbose=0)
+    if len(conv) == 1:
+        outputs = [outputs]
+    return [(layer.name, out) for layer, out in zip(conv, outputs, strict=True)]

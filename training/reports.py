@@ -60,3 +60,25 @@ def write_history_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     path.write_text(json.dumps(data, indent=2, allow_nan=True) + "\n")
+
+
+def most_wrong(y_true: np.ndarray, probabilities: np.ndarray, limit: int = 16) -> np.ndarray:
+    """Indices of the wrongly predicted samples, most confident first, at most `limit`:
+    confidence is the probability of the predicted (wrong) class; ties keep sample order."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != y_true)
+    confidence = probabilities[wrong, predicted[wrong]]
+    order = np.argsort(-confidence, kind="stable")
+    return wrong[order[:limit]]
+
+
+def one_per_class(y_true: np.ndarray, num_classes: int, limit: int) -> list[tuple[int, int]]:
+    """(class, index of its first sample) for the first `limit` classes that have one."""
+    chosen = []
+    for label in range(num_classes):
+        found = np.flatnonzero(y_true == label)
+        if len(found):
+            chosen.append((label, int(found[0])))
+        if len(chosen) == limit:
+            break
+    return chosen

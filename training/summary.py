@@ -31,6 +31,7 @@ def describe(run_dir: Path, export: dict[str, Any] | None) -> str:
     ]
     if metrics.get("base_weights") == "none":
         lines.append("               (random frozen VGG16 base: no pretrained weights)")
+    lines.extend(_recipe_lines(config["config"], metrics))
     lines.append(
         "figures        "
         + "\n               ".join(str(p) for p in sorted((run_dir / "figures").glob("*.png")))
@@ -43,6 +44,42 @@ def describe(run_dir: Path, export: dict[str, Any] | None) -> str:
             f"{export['parity']['images']} test images"
         )
     return "\n".join(lines)
+
+
+def _recipe_lines(config: dict[str, Any], metrics: dict[str, Any]) -> list[str]:
+    """How it fitted: optimizer, augmentation, early stopping, fine-tuning (when used)."""
+    optimizer = f"{config.get('optimizer', 'adam')} lr {config['learning_rate']:.0e}"
+    if config.get("momentum") is not None:
+        optimizer += f" momentum {config['momentum']}"
+    augment = config.get("augment")
+    if isinstance(augment, dict):
+        flip = "on" if augment["flip"] else "off"
+        amounts = f" (shear {augment['shear']:g}, zoom {augment['zoom']:g}, flip {flip})"
+        augment = augment["preset"] + ("" if augment["preset"] == "none" else amounts)
+    lines = [
+        f"recipe         {optimizer}, {config['schedule']} schedule, batch {config['batch_size']}",
+        f"augmentation   {augment}",
+    ]
+    for stop in metrics.get("early_stopping", {}).get("phases", []):
+        what = "stopped after" if stop["stopped_early"] else "ran to"
+        lines.append(
+            f"early stopping {stop['phase']}: {what} epoch {stop['last_epoch']} "
+            f"(patience {metrics['early_stopping']['patience']}), "
+            f"weights of epoch {stop['best_epoch']}"
+        )
+    if "fine_tune" in metrics:
+        tune = metrics["fine_tune"]
+        blocks = sorted({name.split("_")[0] for name in tune["trainable_layers"]})
+        lines.append(
+            f"fine-tuning    {', '.join(blocks)} and the head, {_count(tune['epochs'], 'epoch')} "
+            f"at lr {tune['learning_rate']:.0e}: test accuracy {tune['test_accuracy_before']:.4f}"
+            f" before, {tune['test_accuracy_after']:.4f} after"
+        )
+    return lines
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def _skipped(dataset: dict[str, Any]) -> str:
@@ -69,6 +106,7 @@ class Run:
     minutes: float
     accuracies: tuple[float, ...]  # test accuracy; transfer: all / pretraining / new classes
     seed: int
+    labels: tuple[str, ...] = ()  # what each accuracy is, where it is not plain (fine-tuning)
 
     @classmethod
     def read(cls, run_dir: Path) -> Run:
@@ -83,13 +121,21 @@ class Run:
             accuracies = (after["all"], after["pretrain_classes"], after["new_classes"])
             phases = [row["phase"] for row in metrics["epochs"]]
             epochs = f"{phases.count('pretrain')} + {phases.count('transfer')}"
+        labels: tuple[str, ...] = ()
         if family == "vgg16":
             model += f" --base-weights {metrics['base_weights']}"
+            if "fine_tune" in metrics:
+                tune = metrics["fine_tune"]
+                model += f" --fine-tune-blocks {tune['blocks']}"
+                accuracies = (tune["test_accuracy_before"], tune["test_accuracy_after"])
+                labels = ("head only", "fine-tuned")
+                phases = [row["phase"] for row in metrics["epochs"]]
+                epochs = f"{phases.count('head')} + {phases.count('fine-tune')}"
             if metrics["base_weights"] == "none":
                 model += " (random frozen base, no pretrained weights)"
         seed = int(config.get("config", config).get("seed", 0))
         minutes = metrics["train_seconds"] / 60
-        return cls(model, f"{family}/{arch}", epochs, minutes, accuracies, seed)
+        return cls(model, f"{family}/{arch}", epochs, minutes, accuracies, seed, labels)
 
 
 def runs_in(paths: list[Path]) -> list[Path]:
@@ -117,9 +163,13 @@ def spread(values: list[float]) -> str:
 
 def table_row(group: list[Run]) -> str:
     first = group[0]
-    accuracy = " / ".join(
-        spread([run.accuracies[i] for run in group]) for i in range(len(first.accuracies))
-    )
+    parts = [spread([run.accuracies[i] for run in group]) for i in range(len(first.accuracies))]
+    if first.labels:
+        accuracy = ", ".join(
+            f"{part} {label}" for part, label in zip(parts, first.labels, strict=True)
+        )
+    else:
+        accuracy = " / ".join(parts)
     minutes = statistics.mean(run.minutes for run in group)
     seeds = ", ".join(str(run.seed) for run in sorted(group, key=lambda run: run.seed))
     return (

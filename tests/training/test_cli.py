@@ -44,7 +44,14 @@ COMMON = (
     "--batch-size",
     "--learning-rate",
     "--schedule",
+    "--optimizer",
+    "--momentum",
+    "--patience",
     "--augment",
+    "--no-augment",
+    "--shear",
+    "--zoom",
+    "--flip",
     "--seed",
     "--out",
     "--overwrite",
@@ -52,7 +59,14 @@ COMMON = (
 )
 OWN = {
     "scratch": ("--arch",),
-    "vgg16": ("--base-weights", "--cache-dir", "--head-units"),
+    "vgg16": (
+        "--base-weights",
+        "--cache-dir",
+        "--head-units",
+        "--fine-tune-blocks",
+        "--fine-tune-learning-rate",
+        "--fine-tune-epochs",
+    ),
     "transfer": ("--arch", "--pretrain-classes", "--pretrain-epochs"),
 }
 

@@ -25,10 +25,12 @@ def test_a_run_directory_holds_everything(seed_run: Path) -> None:
         assert (seed_run / name).is_file(), name
     figures = sorted(p.name for p in (seed_run / "figures").iterdir())
     assert figures == [
+        "activations.png",
         "bottleneck.png",
         "confusion_matrix.png",
         "filters.png",
         "learning_curves.png",
+        "most_wrong.png",
     ]
     for figure in figures:
         assert (seed_run / "figures" / figure).read_bytes()[:8] == PNG
