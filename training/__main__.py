@@ -115,6 +115,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pretrain_epochs=(
             int(args.pretrain_epochs) if getattr(args, "pretrain_epochs", None) else None
         ),
+        transfer_trainable=getattr(args, "transfer_trainable", "dense"),
     )
 
 

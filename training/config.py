@@ -11,6 +11,7 @@ from imaging.policy import MAX_IMAGE_PIXELS
 from training.errors import ConfigError
 
 FAMILIES = ("scratch", "vgg16", "transfer")
+TRANSFER_TRAINABLE = ("dense", "all")  # what learns in the transfer's second phase
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adam", "sgd")
 SGD_LEARNING_RATE = 0.01  # --optimizer sgd without --learning-rate: the cats/dogs recipe's
@@ -115,6 +116,7 @@ class TrainConfig:
     # transfer
     pretrain_classes: tuple[int, ...] = field(default_factory=tuple)
     pretrain_epochs: int | None = None
+    transfer_trainable: str = "dense"  # TRANSFER_TRAINABLE
 
     @property
     def base_weights_real(self) -> bool:

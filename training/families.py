@@ -111,7 +111,9 @@ def fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
     before = models.predict(model, data.x_test)
 
     for layer in model.layers:  # only the dense layers learn from here on
-        layer.trainable = isinstance(layer, keras.layers.Dense)
+        layer.trainable = config.transfer_trainable == "all" or isinstance(
+            layer, keras.layers.Dense
+        )
     x, y, x_val, y_val = split_validation(data.x_train, data.y_train, config.val_split, config.seed)
     fitted = fit(
         models.classifier_view(model),

@@ -16,6 +16,7 @@ from training.config import (
     SCHEDULES,
     SGD_LEARNING_RATE,
     SGD_MOMENTUM,
+    TRANSFER_TRAINABLE,
     VGG16_BLOCKS,
 )
 
@@ -372,4 +373,12 @@ def family_options(p: argparse.ArgumentParser, family: str) -> None:
             type=_positive_int,
             default=_env("pretrain_epochs"),
             help="epochs of the pretraining phase (default: --epochs)",
+        )
+        p.add_argument(
+            "--transfer-trainable",
+            choices=TRANSFER_TRAINABLE,
+            default=_env("transfer_trainable", "dense"),
+            help="what learns in the second phase: dense (the dense layers only, the "
+            "convolutions frozen: the seed notebook's stated recipe) or all (every layer goes "
+            "on learning, at the same learning rate) (default: dense)",
         )

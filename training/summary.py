@@ -116,7 +116,10 @@ class Run:
         model = f"{family} --arch {arch}" if family != "vgg16" else "vgg16"
         accuracies: tuple[float, ...] = (metrics["test_accuracy"],)
         epochs = str(len(metrics["epochs"]))
+        settings = config.get("config", config)
         if family == "transfer":
+            if settings.get("transfer_trainable", "dense") != "dense":
+                model += f" --transfer-trainable {settings['transfer_trainable']}"
             after = metrics["transfer"]["after_transfer"]
             accuracies = (after["all"], after["pretrain_classes"], after["new_classes"])
             phases = [row["phase"] for row in metrics["epochs"]]
@@ -133,7 +136,7 @@ class Run:
                 epochs = f"{phases.count('head')} + {phases.count('fine-tune')}"
             if metrics["base_weights"] == "none":
                 model += " (random frozen base, no pretrained weights)"
-        seed = int(config.get("config", config).get("seed", 0))
+        seed = int(settings.get("seed", 0))
         minutes = metrics["train_seconds"] / 60
         return cls(model, f"{family}/{arch}", epochs, minutes, accuracies, seed, labels)
 

@@ -152,3 +152,18 @@ def test_image_folders_train_both_families(family: str, tmp_path: Path) -> None:
     assert run_config["dataset"]["image_shape"] == [32, 32, 3]
     assert run_config["dataset"]["train_size"] + run_config["dataset"]["test_size"] == 12
     assert len(_read(tmp_path / "run", "metrics.json")["epochs"]) == 2
+
+
+def test_transfer_trainable_all_goes_on_training_the_convolutions(tmp_path: Path) -> None:
+    import keras
+
+    kernels = {}
+    for trainable in ("dense", "all"):
+        out = tmp_path / trainable
+        run(train_config(out, "transfer", transfer_trainable=trainable))
+        assert _read(out, "config.json")["config"]["transfer_trainable"] == trainable
+        model = keras.saving.load_model(out / "model.keras", compile=False)
+        conv = next(layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+        kernels[trainable] = conv.get_weights()[0]
+    # the same seed: the same pretraining, so the convolutions differ only if phase 2 moved them
+    assert not np.allclose(kernels["dense"], kernels["all"])

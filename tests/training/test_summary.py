@@ -11,14 +11,16 @@ import pytest
 from training.summary import main, spread, table
 
 
-def write_run(folder: Path, family: str, accuracy: float, seed: int, **extra) -> None:
+def write_run(
+    folder: Path, family: str, accuracy: float, seed: int, settings=None, **extra
+) -> None:
     folder.mkdir(parents=True)
     epochs = [{"phase": "pretrain"}] * 2 + [{"phase": "transfer"}] * 2
     metrics = {"family": family, "arch": "seed", "test_accuracy": accuracy,
                "epochs": epochs if family == "transfer" else [{}] * 3,
                "train_seconds": 120.0 + seed, **extra}  # fmt: skip
     (folder / "metrics.json").write_text(json.dumps(metrics))
-    (folder / "config.json").write_text(json.dumps({"config": {"seed": seed}}))
+    (folder / "config.json").write_text(json.dumps({"config": {"seed": seed, **(settings or {})}}))
 
 
 def test_runs_of_one_experiment_make_one_row_with_mean_and_sd(tmp_path: Path, capsys) -> None:
@@ -27,9 +29,11 @@ def test_runs_of_one_experiment_make_one_row_with_mean_and_sd(tmp_path: Path, ca
         write_run(results / f"seed-{seed}", "scratch", accuracy, seed)
     transfer = {"after_transfer": {"all": 0.8, "pretrain_classes": 0.9, "new_classes": 0.7}}
     write_run(results / "transfer-0", "transfer", 0.8, 0, transfer=transfer)
+    write_run(results / "transfer-all-0", "transfer", 0.8, 0, {"transfer_trainable": "all"},
+              transfer=transfer)  # fmt: skip
     assert main(["--table", str(results)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == 4  # header, separator, two experiments
+    assert len(rows) == 5  # header, separator, three experiments
     sd = statistics.stdev([0.86, 0.87, 0.85])
     assert rows[2] == (
         f"| scratch --arch seed | 3 | 3 (0, 1, 2) | 2.0 min | 0.8600 ± {sd:.4f} (0.8500-0.8700) "
@@ -37,6 +41,7 @@ def test_runs_of_one_experiment_make_one_row_with_mean_and_sd(tmp_path: Path, ca
     )
     assert rows[3].startswith("| transfer --arch seed | 2 + 2 | 1 (0) | 2.0 min | "
                               "0.8000 / 0.9000 / 0.7000 |")  # fmt: skip
+    assert rows[4].startswith("| transfer --arch seed --transfer-trainable all | 2 + 2 | 1 (0) |")
 
 
 def test_spread_of_one_value_is_the_value() -> None:
