@@ -211,7 +211,8 @@ class Engine(Core):
     # ---- model control (Triton's model repository extension)
 
     async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
-        found = await self._scan()  # what is on disk now, not at the last scan
+        # what is on disk now, scanned beside the loader thread (which may be warming up)
+        found = await asyncio.to_thread(repository.scan, self.config.repository)
         loaded = {name: self.versions(name) for name in self.names()}
         failed = {key: message for key, (_, message) in self._failed.items()}
         mode = self.config.model_control_mode

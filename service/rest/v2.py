@@ -17,7 +17,7 @@ tensors, classification, model configuration, statistics): the same answers as t
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from importlib import metadata
 from typing import Any
 
@@ -27,6 +27,7 @@ from google.protobuf.message import Message
 from starlette.requests import Request
 from starlette.responses import Response
 
+from service.core import Core
 from service.errors import InvalidInput, ServingError, shorten
 from service.rest import v2_json
 from service.rest.calls import NO_TOKEN, Headers, HttpCalls
@@ -174,23 +175,36 @@ def control_router(http: HttpCalls, api: APIRouter) -> None:
 
         return await http.handle(request.headers, API, "RepositoryIndex", work)
 
-    @api.post("/v2/repository/models/{name}/load", summary="Load or reload a model")
-    async def load(request: Request, name: str) -> Response:
+    for action, control, method, summary in (
+        ("load", inference.load, "RepositoryModelLoad", "Load or reload a model"),
+        ("unload", inference.unload, "RepositoryModelUnload", "Drain, then unload a model"),
+    ):
+        api.add_api_route(
+            f"/v2/repository/models/{{name}}/{action}",
+            _control_route(http, action, control, method),
+            methods=["POST"],
+            summary=summary,
+            name=method,
+        )
+
+
+def _control_route(
+    http: HttpCalls,
+    action: str,
+    control: Callable[[Core, str, list[str]], Awaitable[None]],
+    method: str,
+) -> Callable[[Request, str], Awaitable[Response]]:
+    """The route of one model load or unload (the same body, answer and errors)."""
+
+    async def route(request: Request, name: str) -> Response:
         async def work(call: Call) -> Response:
-            parameters = _parameters(await _control_body(http, request, f"load {name!r}"))
-            await inference.load(engine, name, parameters)
+            document = await _control_body(http, request, f"{action} {name!r}")
+            await control(http.engine, name, _parameters(document))
             return Response(status_code=200)
 
-        return await http.handle(request.headers, API, "RepositoryModelLoad", work)
+        return await http.handle(request.headers, API, method, work)
 
-    @api.post("/v2/repository/models/{name}/unload", summary="Drain, then unload a model")
-    async def unload(request: Request, name: str) -> Response:
-        async def work(call: Call) -> Response:
-            parameters = _parameters(await _control_body(http, request, f"unload {name!r}"))
-            await inference.unload(engine, name, parameters)
-            return Response(status_code=200)
-
-        return await http.handle(request.headers, API, "RepositoryModelUnload", work)
+    return route
 
 
 async def _control_body(http: HttpCalls, request: Request, what: str) -> dict[str, Any]:
