@@ -20,6 +20,22 @@ def env_error(message: str) -> None:
     raise SystemExit(2)
 
 
+class AppendOverDefault(argparse.Action):
+    """argparse's "append", except that the command line's values replace the default (what
+    the environment variable gave) instead of adding to it: the flag wins, as for any option."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        items = getattr(namespace, self.dest, None)
+        items = [] if items is None or items is self.default else list(items)
+        setattr(namespace, self.dest, [*items, values])
+
+
 def add_option(parser: argparse._ActionsContainer, flag: str, help: str, **kwargs: Any) -> None:
     """An option whose default may come from CNN_SERVING_<NAME>; the help says both."""
     env = ENV_PREFIX + flag.lstrip("-").replace("-", "_").upper()
@@ -35,6 +51,8 @@ def add_option(parser: argparse._ActionsContainer, flag: str, help: str, **kwarg
             env_error(f"{env}={value!r}: choose from {', '.join(kwargs['choices'])}")
         kwargs["default"] = value  # argparse converts a string with `type`
         kwargs["required"] = False
+    if kwargs.get("action") == "append":
+        kwargs["action"] = AppendOverDefault
     if "metavar" not in kwargs and kwargs.get("type") in (int, float):
         units = ("ms", "s", "bytes", "pixels", "mib")
         unit = next((u for u in units if flag.endswith("-" + u)), "n")

@@ -58,10 +58,10 @@ def index(
             entries.append(IndexEntry(name, "", UNAVAILABLE, "no version folders"))
         for version in versions:
             key = (name, version)
-            if key in changing:
-                entries.append(IndexEntry(name, str(version), changing[key]))
-            elif version in loaded.get(name, ()):
+            if version in loaded.get(name, ()):  # serving (a reload too, until it swaps)
                 entries.append(IndexEntry(name, str(version), READY))
+            elif key in changing:
+                entries.append(IndexEntry(name, str(version), changing[key]))
             else:
                 why = _why(key, on_disk, serving, failed, policy, mode)
                 entries.append(IndexEntry(name, str(version), UNAVAILABLE, why))
@@ -85,4 +85,8 @@ def _why(
         return "appeared after start (--model-control-mode none loads once)"
     if version not in policy.select(on_disk.get(name, [])):
         return f"not in --version-policy {policy}"
+    if mode == "explicit":
+        return "appeared after the model was loaded (load it again to serve it)"
+    if mode == "none":
+        return "appeared after start (--model-control-mode none loads once)"
     return "not loaded yet (the next scan loads it)"

@@ -10,14 +10,16 @@ retried when its files change), a removed one is unloaded after its queue drains
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from prometheus_client import PlatformCollector, ProcessCollector
@@ -28,7 +30,14 @@ from service.config import ServeConfig
 from service.core import Core, IndexEntry, Model, Outputs, Stats
 from service.engine import control
 from service.engine.gauges import LiveGauges, record_batch
-from service.errors import ConfigError, ControlRefused, ModelLoadError, ModelNotFound, shorten
+from service.errors import (
+    ConfigError,
+    ControlRefused,
+    ModelLoadError,
+    ModelNotFound,
+    Unavailable,
+    shorten,
+)
 from service.metrics import Metrics
 from service.process_metrics import Processes, ServerProcesses, gpu_collector
 from service.repository import ModelSpec
@@ -54,14 +63,20 @@ class LoadedModel(Model):
 
 
 class Engine(Core):
-    def __init__(self, config: ServeConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self, config: ServeConfig, metrics: Metrics | None = None, state_path: Path | None = None
+    ) -> None:
+        """`state_path`: where the models loaded on request are kept (explicit mode), so that
+        an engine restarted by the supervisor loads them again; None: nowhere."""
         super().__init__(config, metrics)
+        self.state_path = state_path
         self.runtime = Runtime(config.device, config.intra_op_threads)
         self._failed: dict[tuple[str, int], tuple[tuple[int, ...], str]] = {}  # signature, why
         self._changing: dict[tuple[str, int], str] = {}  # versions LOADING or UNLOADING now
         self._control = asyncio.Lock()  # one change at a time: scans, loads, unloads
         self._policy = config.versions
         self._explicit: set[str] = set()  # explicit mode: the models loaded on request
+        self._changes: set[asyncio.Task[None]] = set()  # loads and unloads under way
         self._on_disk: dict[str, list[int]] = {}
         self._compute = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
@@ -87,13 +102,34 @@ class Engine(Core):
         async with self._control:
             found = await self._scan()
             if self.config.model_control_mode == "explicit":
-                repo = str(self.config.repository)
-                self._explicit = control.initial(self.config.load_models, found, repo)
+                self._explicit = self._initial(found)
             await self._apply(found)
         self.ready = True
         self._notify("", True)
         if self.config.model_control_mode == "poll" and self.config.poll_interval_s > 0:
             self._poller = asyncio.get_running_loop().create_task(self._poll(), name="poll")
+
+    def _initial(self, found: dict[str, list[int]]) -> set[str]:
+        """Explicit mode: the models to load at start. After a restart of this engine, those
+        it had loaded on request (`state_path`); the first time, --load-model's."""
+        remembered = self._remembered()
+        if remembered is None:
+            return control.initial(self.config.load_models, found, str(self.config.repository))
+        names = set(remembered)
+        for name in sorted(names - set(found)):
+            log.warning("model %r was loaded before the engine restarted and is gone now", name)
+        log.info("loading the models loaded before the engine restarted: %s", sorted(names))
+        return names & set(found)
+
+    def _remembered(self) -> list[str] | None:
+        if self.state_path is None or not self.state_path.exists():
+            return None
+        try:
+            names = json.loads(self.state_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            log.error("cannot read %s (%s): loading the --load-model models", self.state_path, exc)
+            return None
+        return [str(name) for name in names]
 
     async def stop(self) -> None:
         self.ready = False
@@ -125,9 +161,17 @@ class Engine(Core):
         async with self._control:  # one change at a time: scans, loads, unloads
             await self._apply(await self._scan())
 
-    async def _scan(self) -> dict[str, list[int]]:
+    async def _scan(self, unavailable: bool = False) -> dict[str, list[int]]:
+        """What the repository holds now (`unavailable`: a missing repository is UNAVAILABLE,
+        as for a request, not the ConfigError it is at start)."""
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._loader, repository.scan, self.config.repository)
+        try:
+            return await loop.run_in_executor(self._loader, repository.scan, self.config.repository)
+        except ConfigError as exc:
+            if not unavailable:
+                raise
+            log.error("model control: %s", exc)
+            raise Unavailable("the model repository is missing or unreadable; retry") from exc
 
     async def _apply(self, found: dict[str, list[int]], only: str | None = None) -> None:
         """Serve what `found` and the mode ask for (`only`: change that model alone)."""
@@ -222,23 +266,52 @@ class Engine(Core):
 
     async def load_model(self, name: str) -> None:
         self._check_control("load")
+        await self._to_the_end(self._load_model(name))
+
+    async def unload_model(self, name: str) -> None:
+        self._check_control("unload")
+        await self._to_the_end(self._unload_model(name))
+
+    async def _to_the_end(self, change: Coroutine[Any, Any, None]) -> None:
+        """Run a model change as the engine's own task, to its end even when the caller goes
+        away (a cancelled RPC must not leave a version half loaded or half unloaded)."""
+        task = asyncio.get_running_loop().create_task(change)
+        self._changes.add(task)  # held until done (a loop keeps only weak references)
+        task.add_done_callback(self._changes.discard)
+        task.add_done_callback(_finished_change)
+        await asyncio.shield(task)
+
+    async def _load_model(self, name: str) -> None:
         async with self._control:
-            found = await self._scan()
+            found = await self._scan(unavailable=True)
             if name not in found:
-                raise ModelNotFound(self._no_such_model(name, found))
-            self._explicit.add(name)
+                raise ModelNotFound(f"model {shorten(name)!r}: no such model in the repository")
+            self._remember(self._explicit | {name})
             for key in [key for key in self._failed if key[0] == name]:
                 del self._failed[key]  # asked again: try again, even with the same files
             await self._apply(found, only=name)
-            kept = await self._reload_changed(name)
-        if not self.versions(name):
-            raise ModelLoadError(self._why_not_loaded(name, found[name]))
-        if kept:
-            raise ModelLoadError(
-                f"model {name!r}: reloading failed: {'; '.join(kept)}; what was loaded "
-                "before keeps serving"
-            )
-        log.info("model %r loaded on request: versions %s", name, self.versions(name))
+            problems = self._load_problems(name, found[name]) + await self._reload_changed(name)
+        serving = self.versions(name)
+        if problems:
+            now = f"version {', '.join(map(str, serving))} serves" if serving else "nothing serves"
+            raise ModelLoadError(f"model {name!r}: {'; '.join(problems)}; {now}")
+        log.info("model %r loaded on request: versions %s", name, serving)
+
+    def _load_problems(self, name: str, versions: list[int]) -> list[str]:
+        """Why versions the policy asks for are not serving after a load."""
+        if not versions:
+            return ["it has no version folders"]
+        wanted = self._policy.select(versions)
+        problems = [self._failed[(name, v)][1] for v in wanted if (name, v) in self._failed]
+        if self._policy.kind == "specific":
+            missing = sorted(self._policy.versions - set(versions))
+            if missing:
+                folders = ", ".join(map(str, missing))
+                problems.append(f"no version folder {folders} ({self._policy_text})")
+        if not wanted and not problems:
+            have = ", ".join(map(str, versions))
+            problems.append(f"{self._policy_text} picks none of its versions ({have})")
+        return problems
 
     async def _reload_changed(self, name: str) -> list[str]:
         """Reload the loaded versions whose files changed on disk (Triton's reload): the new
@@ -250,24 +323,35 @@ class Engine(Core):
             if _signature(self.config.repository / name / str(version)) == old.signature:
                 continue
             if not await self._load(name, version):
-                failures.append(self._failed[(name, version)][1])
+                why = self._failed[(name, version)][1]
+                failures.append(f"reloading failed ({why}); its old files keep serving")
                 continue
             log.info("reloaded model %r version %d: draining the old session", name, version)
             await old.batcher.close()
         return failures
 
-    async def unload_model(self, name: str) -> None:
-        self._check_control("unload")
+    async def _unload_model(self, name: str) -> None:
         async with self._control:
             if name not in self._explicit and name not in self._models:
-                found = await self._scan()
+                found = await self._scan(unavailable=True)
                 if name not in found:
-                    raise ModelNotFound(self._no_such_model(name, found))
+                    raise ModelNotFound(f"model {shorten(name)!r}: no such model in the repository")
                 return  # not loaded: nothing to do (as Triton answers)
-            self._explicit.discard(name)
+            self._remember(self._explicit - {name})
             self.found.discard(name)
+            for key in [key for key in self._failed if key[0] == name]:
+                del self._failed[key]  # an old failure is no reason once unloaded
             for version in self.versions(name):
                 await self._unload(name, version, "unloaded on request")
+
+    def _remember(self, names: set[str]) -> None:
+        """The models loaded on request, kept in `state_path` (if any) for a restarted engine."""
+        self._explicit = names
+        if self.state_path is None:
+            return
+        staging = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}")
+        staging.write_text(json.dumps(sorted(names)), encoding="utf-8")
+        staging.replace(self.state_path)  # whole or not at all
 
     def _check_control(self, what: str) -> None:
         mode = self.config.model_control_mode
@@ -278,22 +362,6 @@ class Engine(Core):
                 f"{how}); start it with --model-control-mode explicit to load and unload "
                 "models on request"
             )
-
-    def _no_such_model(self, name: str, found: dict[str, list[int]]) -> str:
-        have = ", ".join(sorted(found)) or "none"
-        return (
-            f"model {shorten(name)!r}: no such model folder in the repository "
-            f"{self.config.repository} (models there: {have})"
-        )
-
-    def _why_not_loaded(self, name: str, versions: list[int]) -> str:
-        if not versions:
-            return f"model {name!r}: no version folders in {self.config.repository / name}"
-        failures = [self._failed[(name, v)][1] for v in versions if (name, v) in self._failed]
-        if failures:
-            return f"model {name!r}: no version could be loaded: " + "; ".join(failures)
-        have = ", ".join(map(str, versions))
-        return f"model {name!r}: {self._policy_text} picks none of its versions ({have})"
 
     @property
     def _policy_text(self) -> str:
@@ -356,11 +424,11 @@ class Engine(Core):
             await model.batcher.close()
         finally:
             self._changing.pop((name, version), None)
-        self.metrics.forget(name, version)
-        log.info("unloaded model %r version %d (%s)", name, version, why)
-        del model  # the last reference: its session and arena are freed here...
+            self.metrics.forget(name, version)
+            del model  # the last reference: its session and arena are freed here...
         loop = asyncio.get_running_loop()  # ...and given back to the system, off the loop
         await loop.run_in_executor(self._loader, memory.release_freed_memory)
+        log.info("unloaded model %r version %d (%s)", name, version, why)
 
     # ---- lookups and work
 
@@ -385,7 +453,35 @@ class Engine(Core):
         self, model: Model, batch: np.ndarray, deadline: float | None
     ) -> asyncio.Future[Outputs]:
         """Queue a checked (N, H, W, C) uint8 batch; cancel the future to withdraw it."""
-        return self._loaded(model).batcher.put(batch, deadline)
+        loaded = self._loaded(model)
+        if loaded.batcher.closed:  # replaced since the request looked it up
+            loaded = self._successor(loaded, model.newest)
+        return loaded.batcher.put(batch, deadline)
+
+    def _successor(self, model: LoadedModel, newest: bool) -> LoadedModel:
+        """What now serves a request that resolved `model` before a reload (the same version's
+        new session) or, asked for the newest, before a newer version replaced it. Without
+        one, `model` (its closed batcher answers UNAVAILABLE)."""
+        versions = self._models.get(model.spec.name, {})
+        current = versions[max(versions)] if newest and versions else None
+        current = current or versions.get(model.spec.version)
+        if current is None or current.spec.image_shape != model.spec.image_shape:
+            return model
+        return self._loaded(current)
+
+    def resolve(
+        self, name: str, version: int, newest: bool, shape: tuple[int, int, int]
+    ) -> LoadedModel:
+        """The version a front end's request goes to: the one it names, or the newest one
+        now when it asked for the newest; UNAVAILABLE when that one takes other images than
+        the request's (its newest version changed while the front end decoded them)."""
+        model = self.model(name, None if newest else version)
+        if model.spec.image_shape != shape:
+            raise Unavailable(
+                f"model {name!r}: its newest version is now {model.spec.version}, which takes "
+                f"{model.spec.image_shape} images, not the request's {shape}; retry"
+            )
+        return model
 
     async def statistics(self, models: Sequence[Model]) -> list[Stats]:
         return [self._loaded(model).stats for model in models]
@@ -398,6 +494,13 @@ class Engine(Core):
         if not isinstance(model, LoadedModel):  # a bug, not a client mistake
             raise TypeError(f"{model.where} does not belong to this engine")
         return model
+
+
+def _finished_change(task: asyncio.Task[None]) -> None:
+    """A load or unload whose caller went away: its error is logged here, not lost."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        if not isinstance(error, ModelNotFound | ModelLoadError | Unavailable | ControlRefused):
+            log.error("model change failed", exc_info=error)
 
 
 def _signature(folder: Path) -> tuple[int, ...]:

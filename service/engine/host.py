@@ -18,7 +18,7 @@ import logging
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,9 @@ from service.metrics import Metrics
 
 log = logging.getLogger("service.engine.host")  # not "__main__" when run with -m
 INTERNAL = ("INTERNAL", "internal error (see server log)")  # never an internal error's text
+# How long a model-control answer waits for every front end to apply the new catalogue (a front
+# end that does not answer in this long is stuck, and the supervisor's business).
+APPLIED_TIMEOUT_S = 5.0
 
 
 @dataclass(eq=False)
@@ -44,10 +47,12 @@ class Peer:
 
     pid: int = 0
     requests: dict[int, asyncio.Future[Outputs]] = field(default_factory=dict)
+    applied: int = 0  # the newest catalogue generation it has put in force
 
 
-def catalogue(engine: Engine) -> dict[str, Any]:
-    return {"ready": engine.ready, "models": [_describe(m) for m in engine.loaded()]}
+def catalogue(engine: Engine, generation: int) -> dict[str, Any]:
+    models = [_describe(m) for m in engine.loaded()]
+    return {"ready": engine.ready, "models": models, "generation": generation}
 
 
 def _describe(model: LoadedModel) -> dict[str, Any]:
@@ -62,6 +67,8 @@ class EngineHost:
         self._peers: dict[Channel, Peer] = {}
         self._server: asyncio.AbstractServer | None = None
         self._broadcast_armed = False
+        self._generation = 0  # of the catalogue last sent
+        self._applied = asyncio.Condition()  # a front end applied a catalogue
         self._tasks: set[asyncio.Task[None]] = set()
         engine.processes = self._processes  # the process metrics cover the front ends too
 
@@ -95,9 +102,38 @@ class EngineHost:
 
     def _broadcast(self) -> None:
         self._broadcast_armed = False
-        payload = rec.Control(catalogue(self.engine)).encode()
+        self._generation += 1
+        payload = rec.Control(catalogue(self.engine, self._generation)).encode()
         for channel in self._peers:
             channel.send(rec.Kind.CATALOGUE, payload)
+
+    async def _in_force(self) -> None:
+        """Wait until every front end has applied the last catalogue sent (so that a model
+        loaded or unloaded is so on every port once the caller hears it is), or for
+        APPLIED_TIMEOUT_S; a front end that takes longer is logged."""
+        if self._broadcast_armed:
+            self._broadcast()
+        generation = self._generation
+
+        def applied() -> bool:
+            return all(peer.applied >= generation for peer in self._peers.values() if peer.pid)
+
+        async with self._applied:
+            try:
+                await asyncio.wait_for(self._applied.wait_for(applied), APPLIED_TIMEOUT_S)
+            except TimeoutError:
+                late = [p.pid for p in self._peers.values() if p.pid and p.applied < generation]
+                log.error(
+                    "front ends %s did not apply catalogue %d in %.0f s",
+                    late,
+                    generation,
+                    APPLIED_TIMEOUT_S,
+                )
+
+    async def _recount(self) -> None:
+        """A front end applied a catalogue, or went away: `_in_force` checks again."""
+        async with self._applied:
+            self._applied.notify_all()
 
     # ---- frames from front ends
 
@@ -115,20 +151,28 @@ class EngineHost:
                 future.cancel()
         elif kind is rec.Kind.HELLO:
             peer.pid = int(rec.Control.decode(payload).body["pid"])
-            channel.send(rec.Kind.CATALOGUE, rec.Control(catalogue(self.engine)).encode())
+            body = catalogue(self.engine, self._generation)
+            channel.send(rec.Kind.CATALOGUE, rec.Control(body).encode())
+        elif kind is rec.Kind.APPLIED:
+            generation = int(rec.Control.decode(payload).body["generation"])
+            peer.applied = max(peer.applied, generation)
+            self._spawn(self._recount())
         elif kind is rec.Kind.STATS_ASK:
             self._stats(channel, rec.Control.decode(payload).body)
         elif kind is rec.Kind.CONTROL_ASK:
-            task = asyncio.create_task(self._control(channel, rec.Control.decode(payload).body))
-            self._tasks.add(task)  # held until done (a loop keeps only weak references)
-            task.add_done_callback(self._tasks.discard)
+            self._spawn(self._control(channel, rec.Control.decode(payload).body))
         else:
             log.error("unexpected %s record from front end %d; ignored", kind.name, peer.pid)
 
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)  # held until done (a loop keeps only weak references)
+        task.add_done_callback(self._tasks.discard)
+
     def _infer(self, channel: Channel, peer: Peer, record: rec.Infer) -> None:
         try:
-            model = self.engine.model(record.model, record.version)
-            shape = model.spec.image_shape
+            model = self.engine.resolve(record.model, record.version, record.newest, record.shape)
+            shape = record.shape
             size = record.count * math.prod(shape)
             pixels = self._segments.view(record.segment, record.offset, size, record.transient)
             future = self.engine.submit(
@@ -185,8 +229,9 @@ class EngineHost:
         channel.send(rec.Kind.STATS, reply.encode())
 
     async def _control(self, channel: Channel, body: dict[str, Any]) -> None:
-        """A repository index, load or unload for a front end; the answer goes after the
-        catalogue it changed, so the front end knows the new state when its caller does."""
+        """A repository index, load or unload for a front end; the answer goes once every front
+        end has applied the catalogue it changed, so the change is in force on every port
+        when the caller hears of it."""
         reply: dict[str, Any] = {"request": body["request"]}
         try:
             if body["op"] == "index":
@@ -201,8 +246,8 @@ class EngineHost:
         except Exception:
             log.exception("model control (%s) failed", body.get("op"))
             reply["error"] = list(INTERNAL)
-        if self._broadcast_armed:
-            self._broadcast()
+        if body["op"] != "index":
+            await self._in_force()
         if not channel.closed:
             channel.send(rec.Kind.CONTROL, rec.Control(reply).encode())
 
@@ -213,6 +258,7 @@ class EngineHost:
         for future in peer.requests.values():
             future.cancel()
         self._segments.forget(peer.pid)
+        self._spawn(self._recount())
         log.info("front end %d disconnected", peer.pid)
 
 
@@ -229,7 +275,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 async def serve(args: argparse.Namespace) -> None:
     config = ServeConfig.from_json(args.config)
-    engine = Engine(config, Metrics(args.metrics_dir))
+    # beside the socket, in the supervisor's folder: it outlives this process, not the server
+    state = args.socket.with_name("loaded-models.json")
+    engine = Engine(config, Metrics(args.metrics_dir), state_path=state)
     host = EngineHost(engine, args.socket, args.segment_prefix)
 
     async def start() -> dict[str, Any]:

@@ -162,6 +162,9 @@ class EngineClient(Core):
             self._notify(name, name in models)
         self._notify(SERVER, self.ready)
         self._catalogued.set()
+        if self._channel is not None:  # in force here now: a model-control answer waits on it
+            applied = rec.Control({"generation": body["generation"]})
+            self._channel.send(rec.Kind.APPLIED, applied.encode())
 
     def _model(self, spec: ModelSpec, item: dict[str, Any]) -> Model:
         decode_seconds = self.metrics.decode_duration.labels(spec.name, str(spec.version))
@@ -183,10 +186,12 @@ class EngineClient(Core):
             spec.name,
             spec.version,
             len(batch),
+            spec.image_shape,
             lease.segment,
             lease.offset,
             deadline or 0.0,
             lease.transient,
+            model.newest,
         )
         channel.send(rec.Kind.INFER, record.encode())
         try:

@@ -42,6 +42,7 @@ class Kind(enum.IntEnum):
     STATS = 9  # engine -> front end
     CONTROL_ASK = 10  # front end -> engine: repository index, model load or unload
     CONTROL = 11  # engine -> front end: its answer
+    APPLIED = 12  # front end -> engine: the catalogue of this generation is in force here
 
 
 def frame(kind: Kind, payload: bytes) -> bytes:
@@ -52,24 +53,29 @@ def frame(kind: Kind, payload: bytes) -> bytes:
 class Infer:
     request: int  # the front end's id for this request
     model: str
-    version: int
-    count: int  # images, of the model's (H, W, C)
+    version: int  # the version the front end resolved (and decoded the images for)
+    count: int  # images, of `shape`
+    shape: tuple[int, int, int]  # (H, W, C) of each image, the version's input
     segment: str  # shared-memory segment name
     offset: int  # bytes into the segment
     deadline: float  # time.monotonic() (one clock for every process); 0: none
     transient: bool  # a one-off segment: map it for this request only
+    newest: bool = False  # asked for the newest version (not this one by number)
 
-    _HEAD = struct.Struct("<QIIQd?HB")
+    _HEAD = struct.Struct("<QIIQdIIIBHB")
+    _TRANSIENT, _NEWEST = 1, 2
 
     def encode(self) -> bytes:
         model, segment = self.model.encode(), self.segment.encode()
+        flags = self._TRANSIENT * self.transient | self._NEWEST * self.newest
         head = self._HEAD.pack(
             self.request,
             self.version,
             self.count,
             self.offset,
             self.deadline,
-            self.transient,
+            *self.shape,
+            flags,
             len(model),
             len(segment),
         )
@@ -77,11 +83,17 @@ class Infer:
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Infer:
-        request, version, count, offset, deadline, transient, m, s = cls._HEAD.unpack_from(data)
+        request, version, count, offset, deadline, h, w, c, flags, m, s = cls._HEAD.unpack_from(
+            data
+        )
         start = cls._HEAD.size
         model = bytes(data[start : start + m]).decode()
         segment = bytes(data[start + m : start + m + s]).decode()
-        return cls(request, model, version, count, segment, offset, deadline, transient)
+        transient, newest = bool(flags & cls._TRANSIENT), bool(flags & cls._NEWEST)
+        shape = (h, w, c)
+        return cls(
+            request, model, version, count, shape, segment, offset, deadline, transient, newest
+        )
 
 
 @dataclass(frozen=True)

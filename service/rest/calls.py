@@ -102,19 +102,23 @@ class HttpCalls:
             calls.leave()
             calls.record(call, code)
 
-    async def body(self, headers: Headers, stream: AsyncIterator[bytes]) -> bytes:
-        """The whole body (inside `handle`), refused with 413 past --max-message-bytes without
-        reading further, 408 when it takes longer than --http-body-timeout-s to arrive (a
-        slow-loris client), 429 when the bodies this process holds would pass
-        --http-body-budget-mib. The bytes count against that budget until the request ends."""
-        limit = self.max_body_bytes
+    async def body(
+        self, headers: Headers, stream: AsyncIterator[bytes], small: int | None = None
+    ) -> bytes:
+        """The whole body (inside `handle`), refused with 413 past --max-message-bytes (or
+        `small` bytes, a route's own lower limit) without reading further, 408 when it takes
+        longer than --http-body-timeout-s to arrive (a slow-loris client), 429 when the bodies
+        this process holds would pass --http-body-budget-mib. The bytes count against that
+        budget until the request ends."""
+        limit = self.max_body_bytes if small is None else min(small, self.max_body_bytes)
+        why = "--max-message-bytes" if limit == self.max_body_bytes else "for this request"
         declared = headers.get("content-length")
         if declared is not None:
             length = byte_count(declared)
             if length is None:
                 raise InvalidInput(f"Content-Length {declared[:40]!r} is not a byte count")
             if length > limit:
-                raise PayloadTooLarge(_too_large(length, limit))
+                raise PayloadTooLarge(_too_large(length, limit, why))
             self._hold(length)
         chunks: list[bytes] = []
         size = 0
@@ -123,7 +127,7 @@ class HttpCalls:
                 async for chunk in stream:
                     size += len(chunk)
                     if size > limit:
-                        raise PayloadTooLarge(_too_large(size, limit, "at least "))
+                        raise PayloadTooLarge(_too_large(size, limit, why, "at least "))
                     if declared is None:
                         self._hold(len(chunk))
                     chunks.append(chunk)
@@ -158,8 +162,5 @@ def byte_count(text: str) -> int | None:
     return int(text) if NUMBER.fullmatch(text) else None
 
 
-def _too_large(size: int, limit: int, qualifier: str = "") -> str:
-    return (
-        f"request body of {qualifier}{size:,} bytes is over the limit of {limit:,} bytes "
-        "(--max-message-bytes)"
-    )
+def _too_large(size: int, limit: int, why: str, qualifier: str = "") -> str:
+    return f"request body of {qualifier}{size:,} bytes is over the limit of {limit:,} bytes ({why})"

@@ -13,7 +13,8 @@ A lingering close (what nginx and Apache do): an answer sent before the request'
 unread bytes makes the kernel send a reset, which can destroy that answer in the client before
 the client reads it (it sees "connection reset" instead of 413). So the connection stops
 sending, then reads and drops what the client still sends, until the client closes or LINGER_S
-pass, and only then closes.
+pass, and only then closes. Only then: a connection closed between requests (idle keep-alive,
+shutdown) has nothing unread and closes at once.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     _head_bytes = 0
     _head_timer: asyncio.TimerHandle | None = None
     _lingering = False
+    _in_message = False  # a request has begun and not all of it has arrived
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -61,6 +63,7 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._in_message = True
         self._head_bytes = 0
         self._disarm()
         self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
@@ -76,6 +79,10 @@ class GuardedHttpTools(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._disarm()
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        self._in_message = False
+        super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
@@ -127,6 +134,9 @@ class Lingering:
             return
         self._closing = True
         if transport.is_closing():
+            return
+        if not self._protocol._in_message:  # nothing unread: no reset to fear
+            transport.close()
             return
         self._protocol._lingering = True
         if transport.can_write_eof():  # TCP: FIN after the answer (TLS cannot half-close)

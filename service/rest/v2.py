@@ -42,7 +42,8 @@ NUMBERS = {
     "count", "ns", "last_inference", "inference_count", "execution_count", "batch_size",
     "dims", "shape", "max_queue_delay_microseconds",
 }  # fmt: skip
-CONTROL_VALUES = 1000  # a repository request holds a few parameters at most
+CONTROL_VALUES = 1000  # a repository request holds a few parameters at most...
+CONTROL_BODY_BYTES = 64 * 1024  # ...in a few bytes
 INFER_BODY = {
     "requestBody": {
         "description": "V2 inference request: JSON, or JSON of Inference-Header-Content-Length "
@@ -209,7 +210,7 @@ def _control_route(
 
 async def _control_body(http: HttpCalls, request: Request, what: str) -> dict[str, Any]:
     """The small JSON object of a repository request (none: {})."""
-    body = await http.body(request.headers, request.stream())
+    body = await http.body(request.headers, request.stream(), CONTROL_BODY_BYTES)
     if not body.strip():
         return {}
     return v2_json.parse_json(body, CONTROL_VALUES, shorten(what))

@@ -159,15 +159,17 @@ def test_explicit_mode_loads_what_it_is_asked_and_drains_on_unload(
         with pytest.raises(ModelNotFound, match="not loaded"):
             engine.model(MODEL)
         await engine.unload_model(MODEL)  # unloading what is not loaded: nothing to do
-        with pytest.raises(ModelNotFound, match="no such model folder"):
+        with pytest.raises(ModelNotFound, match="no such model in the repository"):
             await engine.load_model("nope")
-        with pytest.raises(ModelNotFound, match="no such model folder"):
+        with pytest.raises(ModelNotFound, match="no such model in the repository"):
             await engine.unload_model("nope")
         model_file = private_repo / SECOND / "1" / "model.onnx"
         good = model_file.read_bytes()
         model_file.write_bytes(b"broken")  # changed in place: a load reloads it
         old = engine.model(SECOND)
-        with pytest.raises(ModelLoadError, match="reloading failed: .* keeps serving"):
+        with pytest.raises(
+            ModelLoadError, match="reloading failed .* old files keep serving; version 1 serves"
+        ):
             await engine.load_model(SECOND)
         assert engine.model(SECOND) is old  # still serving what it loaded
         model_file.write_bytes(good)
@@ -290,7 +292,9 @@ def test_tritonclient_http_loads_and_unloads_with_requests_in_flight(
         with pytest.raises(InferenceServerException, match="not supported: config") as caught:
             client.load_model(MODEL, config="{}")
         assert caught.value.status() == "400"
-        with pytest.raises(InferenceServerException, match="no such model folder") as caught:
+        with pytest.raises(
+            InferenceServerException, match="no such model in the repository"
+        ) as caught:
             client.load_model("nope")
         assert caught.value.status() == "404"
         assert "unloading model 'fashion' version 1 (unloaded on request)" in served.log.text
