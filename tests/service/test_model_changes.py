@@ -1,0 +1,344 @@
+"""Model changes under traffic and faults: requests caught by a reload or a version swap,
+loads and unloads whose caller goes away, partial loads, an engine restart in explicit mode,
+and a change that must be in force on every front end once its caller hears of it."""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from service.__main__ import build_parser
+from service.config import ServeConfig
+from service.engine import Engine, control
+from service.errors import ModelLoadError, ModelNotFound, Unavailable
+from service.repository import VersionPolicy
+from service.rest.protocol import Lingering
+from tests.conftest import MODEL, reference, start_server
+from tests.service.test_frontends import pid_of
+from tests.service.test_model_control import (
+    SECOND,
+    break_version,
+    copy_version,
+    engine_for,
+    states,
+)
+
+SHAPE = (28, 28, 1)
+
+
+async def until(condition, what: str, timeout_s: float = 60) -> None:
+    """Wait (on the loop) until `condition()` holds; fails after a bound that catches hangs."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting until {what}")
+        await asyncio.sleep(0.01)
+
+
+def test_a_request_that_asked_for_the_newest_follows_a_version_swap(
+    private_repo: Path, sample_images
+) -> None:
+    x, _ = sample_images
+    want = reference(private_repo, x[:2])["probabilities"]
+
+    async def scenario() -> None:
+        engine = engine_for(private_repo, version_policy="latest:1")
+        await engine.start()
+        newest, pinned = engine.model(MODEL), engine.model(MODEL, 1)  # resolved, then...
+        copy_version(private_repo, 1, 2)
+        await engine.refresh()  # ...2 loaded and 1 unloaded before they are sent
+        assert engine.versions(MODEL) == [2]
+        got = await engine.infer(newest, x[:2])
+        np.testing.assert_allclose(got["probabilities"], want, atol=1e-6)
+        with pytest.raises(Unavailable, match="version 1: this model version is being unloaded"):
+            await engine.infer(pinned, x[:1])  # version 1 by number: it is gone
+        # what the engine process does with a front end's request of each kind
+        assert engine.resolve(MODEL, 1, True, SHAPE).spec.version == 2
+        with pytest.raises(ModelNotFound, match="has no version 1"):
+            engine.resolve(MODEL, 1, False, SHAPE)
+        with pytest.raises(Unavailable, match=r"newest version is now 2, which takes \(28, 28"):
+            engine.resolve(MODEL, 1, True, (32, 32, 3))
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_request_caught_by_a_reload_is_served_by_the_new_session(
+    private_repo: Path, sample_images
+) -> None:
+    x, _ = sample_images
+    want = reference(private_repo, x[:1])["probabilities"]
+
+    async def scenario() -> None:
+        engine = engine_for(private_repo, model_control_mode="explicit", load_models=(MODEL,))
+        await engine.start()
+        pinned = engine.model(MODEL, 1)
+        onnx = private_repo / MODEL / "1" / "model.onnx"
+        stamp = onnx.stat().st_mtime_ns + 10**9
+        os.utime(onnx, ns=(stamp, stamp))  # changed on disk: the load below reloads it
+        await engine.load_model(MODEL)
+        assert engine.model(MODEL, 1) is not pinned
+        got = await engine.infer(pinned, x[:1])
+        np.testing.assert_allclose(got["probabilities"], want, atol=1e-6)
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_partial_load_fails_naming_the_versions_and_keeps_the_good_ones(
+    private_repo: Path,
+) -> None:
+    break_version(private_repo, 2)
+
+    async def load(policy: str) -> tuple[str, list[int]]:
+        engine = engine_for(private_repo, model_control_mode="explicit", version_policy=policy)
+        await engine.start()
+        try:
+            with pytest.raises(ModelLoadError) as caught:
+                await engine.load_model(MODEL)
+            return str(caught.value), engine.versions(MODEL)
+        finally:
+            await engine.stop()
+
+    message, versions = asyncio.run(load("all"))
+    assert versions == [1]
+    assert message.startswith(f"model {MODEL!r}: model {MODEL!r} version 2")
+    assert message.endswith("; version 1 serves")
+    message, versions = asyncio.run(load("latest:1"))  # the broken 2 leaves 1 serving
+    assert versions == [1] and "version 2" in message and message.endswith("version 1 serves")
+    message, versions = asyncio.run(load("specific:1,7"))
+    assert versions == [1]
+    assert "no version folder 7 (--version-policy specific:1,7); version 1 serves" in message
+
+
+def test_a_cancelled_load_or_unload_runs_to_its_end(private_repo: Path, sample_images) -> None:
+    x, _ = sample_images
+
+    async def scenario() -> None:
+        engine = engine_for(private_repo, model_control_mode="explicit", max_queue_delay_ms=60_000)
+        await engine.start()
+        loading = asyncio.create_task(engine.load_model(MODEL))
+        await asyncio.sleep(0)  # it has begun (and is warming up on the loader thread)
+        loading.cancel()  # the caller went away (a cancelled RPC)
+        with pytest.raises(asyncio.CancelledError):
+            await loading
+        await until(lambda: engine.versions(MODEL) == [1], "the load finished")
+        assert states(await engine.repository_index())[(MODEL, "1")] == ("READY", "")
+        model = engine.model(MODEL)
+        queued = [asyncio.create_task(engine.infer(model, x[i : i + 1])) for i in range(3)]
+        await until(lambda: model.batcher.depth == 3, "three requests are queued")
+        unloading = asyncio.create_task(engine.unload_model(MODEL))
+        await asyncio.sleep(0)  # it has begun
+        unloading.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await unloading
+        done = await asyncio.wait_for(asyncio.gather(*queued), 30)  # the drain went on
+        got = np.concatenate([outputs["probabilities"] for outputs in done])
+        np.testing.assert_allclose(got, reference(private_repo, x[:3])["probabilities"],
+                                   atol=1e-6)  # fmt: skip
+        await engine.unload_model(MODEL)  # waits for the first one; then nothing to do
+        index = states(await engine.repository_index())
+        assert index[(MODEL, "1")] == ("UNAVAILABLE", "unloaded (load it with RepositoryModelLoad)")
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_index_reasons_in_explicit_mode(private_repo: Path) -> None:
+    async def scenario() -> None:
+        engine = engine_for(private_repo, model_control_mode="explicit", load_models=(MODEL,))
+        await engine.start()
+        copy_version(private_repo, 1, 2)  # appears after the load: no scan loads it
+        index = states(await engine.repository_index())
+        assert index[(MODEL, "2")] == (
+            "UNAVAILABLE",
+            "appeared after the model was loaded (load it again to serve it)",
+        )
+        break_version(private_repo, 3)
+        with pytest.raises(ModelLoadError, match="version 3"):
+            await engine.load_model(MODEL)
+        assert engine.versions(MODEL) == [1, 2]
+        assert "version 3" in states(await engine.repository_index())[(MODEL, "3")][1]
+        await engine.unload_model(MODEL)  # an old failure is no reason once unloaded
+        index = states(await engine.repository_index())
+        assert index[(MODEL, "3")] == ("UNAVAILABLE", "unloaded (load it with RepositoryModelLoad)")
+        shutil.move(private_repo, private_repo.with_name("moved"))
+        with pytest.raises(Unavailable, match="the model repository is missing or unreadable"):
+            await engine.load_model(MODEL)
+        await engine.stop()
+
+    asyncio.run(scenario())
+
+
+def test_a_version_being_reloaded_is_ready_in_the_index() -> None:
+    entries = control.index(
+        {MODEL: [1, 2]}, [MODEL], {MODEL: [1]}, {(MODEL, 1): control.LOADING,
+        (MODEL, 2): control.LOADING}, {}, VersionPolicy.parse("all"), "explicit",
+    )  # fmt: skip
+    assert states(entries) == {(MODEL, "1"): ("READY", ""), (MODEL, "2"): ("LOADING", "")}
+
+
+def test_models_loaded_on_request_survive_an_engine_restart(private_repo: Path) -> None:
+    copy_version(private_repo, 1, 1, SECOND)
+    state = private_repo.parent / "loaded-models.json"
+
+    async def restart(*change: tuple[str, str]) -> list[str]:
+        config = ServeConfig(private_repo, device="cpu", poll_interval_s=0,
+                             model_control_mode="explicit", load_models=(MODEL,))  # fmt: skip
+        engine = Engine(config, state_path=state)
+        await engine.start()
+        for what, name in change:
+            await (engine.load_model if what == "load" else engine.unload_model)(name)
+        names = engine.names()
+        await engine.stop()
+        return names
+
+    assert asyncio.run(restart()) == [MODEL]  # nothing asked yet: --load-model's
+    assert asyncio.run(restart(("load", SECOND), ("unload", MODEL))) == [SECOND]
+    assert asyncio.run(restart()) == [SECOND]  # as the last engine left it
+    shutil.rmtree(private_repo / SECOND)
+    assert asyncio.run(restart()) == []  # gone from the repository: logged and skipped
+
+
+def test_a_restarted_engine_process_loads_what_was_loaded_on_request(private_repo: Path) -> None:
+    import tritonclient.http as th
+
+    copy_version(private_repo, 1, 1, SECOND)
+    served = start_server(private_repo, "--frontends", "1", "--model-control-mode", "explicit",
+                          "--load-model", MODEL)  # fmt: skip
+    try:
+        client = th.InferenceServerClient(served.http)
+        client.load_model(SECOND)
+        client.unload_model(MODEL)
+        engine = pid_of(served, "engine")
+        os.kill(engine, signal.SIGKILL)
+        pid_of(served, "engine", after=engine)
+        served.log.wait_for(r"loading the models loaded before the engine restarted", 60)
+        deadline = time.monotonic() + 60
+        while not ready(client, SECOND) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ready(client, SECOND) and not ready(client, MODEL)
+    finally:
+        assert served.stop() == 0
+
+
+def ready(client, name: str) -> bool:
+    from tritonclient.utils import InferenceServerException
+
+    try:
+        return client.is_model_ready(name)
+    except InferenceServerException:  # the front end between engines: 503
+        return False
+
+
+def test_a_change_is_in_force_on_every_front_end_when_it_returns(
+    private_repo: Path, sample_images
+) -> None:
+    from tests.service.test_frontends import Load
+
+    x, _ = sample_images
+    copy_version(private_repo, 1, 1, SECOND)
+    served = start_server(private_repo, "--frontends", "2", "--model-control-mode", "explicit",
+                          "--load-model", MODEL)  # fmt: skip
+    # kept-alive connections, which the kernel spread over both front ends when they opened
+    connections = [http.client.HTTPConnection("127.0.0.1", served.http_port, timeout=60)
+                   for _ in range(8)]  # fmt: skip
+
+    def call(connection: http.client.HTTPConnection, method: str, path: str) -> int:
+        connection.request(method, path, body=b"{}" if method == "POST" else None)
+        answer = connection.getresponse()
+        answer.read()
+        return answer.status
+
+    def seen_ready() -> set[int]:
+        return {call(c, "GET", f"/v2/models/{SECOND}/ready") for c in connections}
+
+    load = Load(served, x, threads=4)  # both front ends busy with traffic of their own
+    try:
+        assert seen_ready() == {404}
+        for _ in range(10):
+            assert call(connections[0], "POST", f"/v2/repository/models/{SECOND}/load") == 200
+            assert seen_ready() == {200}
+            assert call(connections[0], "POST", f"/v2/repository/models/{SECOND}/unload") == 200
+            assert seen_ready() == {404}
+        assert set(load.stop()) == {"OK"}
+    finally:
+        load.stop()
+        for connection in connections:
+            connection.close()
+        assert served.stop() == 0
+
+
+def test_repository_bodies_are_small(private_repo: Path) -> None:
+    served = start_server(private_repo, "--frontends", "0")
+    try:
+        body = json.dumps({"ready": True, "pad": "x" * 100_000}).encode()
+        connection = http.client.HTTPConnection("127.0.0.1", served.http_port, timeout=30)
+        connection.request("POST", "/v2/repository/index", body=body)
+        answer = connection.getresponse()
+        error = json.loads(answer.read())["error"]
+        assert answer.status == 413
+        assert "over the limit of 65,536 bytes (for this request)" in error
+    finally:
+        assert served.stop() == 0
+
+
+def test_the_load_model_flag_replaces_the_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CNN_SERVING_LOAD_MODEL", "a,b")
+    args = build_parser().parse_args(["serve", "--repository", "r"])
+    assert args.load_models == ["a", "b"]
+    args = build_parser().parse_args(["serve", "--repository", "r", "--load-model", "c",
+                                      "--load-model", "d"])  # fmt: skip
+    assert args.load_models == ["c", "d"]
+
+
+class Transport:
+    """What Lingering needs of a transport, recording what it is asked."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def is_closing(self) -> bool:
+        return "close" in self.calls
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        self.calls.append("write_eof")
+
+    def resume_reading(self) -> None:
+        self.calls.append("resume_reading")
+
+    def close(self) -> None:
+        self.calls.append("close")
+
+
+class Protocol:
+    def __init__(self, loop: asyncio.AbstractEventLoop, in_message: bool) -> None:
+        self.loop = loop
+        self._in_message = in_message
+        self._lingering = False
+
+
+@pytest.mark.parametrize("in_message", [False, True])
+def test_only_a_connection_with_a_request_unread_lingers(in_message: bool) -> None:
+    async def close() -> list[str]:
+        transport = Transport()
+        Lingering(transport, Protocol(asyncio.get_running_loop(), in_message)).close()  # type: ignore[arg-type]
+        return transport.calls
+
+    calls = asyncio.run(close())
+    if in_message:  # the answer, a FIN, then reading (and dropping) what still comes
+        assert calls == ["write_eof", "resume_reading"]
+    else:  # idle between requests (keep-alive, shutdown): nothing unread, closed at once
+        assert calls == ["close"]
