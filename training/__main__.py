@@ -116,6 +116,8 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
             int(args.pretrain_epochs) if getattr(args, "pretrain_epochs", None) else None
         ),
         transfer_trainable=getattr(args, "transfer_trainable", "dense"),
+        transfer_optimizer=getattr(args, "transfer_optimizer", "fresh"),
+        transfer_reinit=bool(getattr(args, "transfer_reinit", False)),
     )
 
 

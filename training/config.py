@@ -12,6 +12,7 @@ from training.errors import ConfigError
 
 FAMILIES = ("scratch", "vgg16", "transfer")
 TRANSFER_TRAINABLE = ("dense", "all")  # what learns in the transfer's second phase
+TRANSFER_OPTIMIZER = ("fresh", "continue")  # the second phase's optimizer: new, or pretraining's
 SCHEDULES = ("cosine", "constant")
 OPTIMIZERS = ("adam", "sgd")
 SGD_LEARNING_RATE = 0.01  # --optimizer sgd without --learning-rate: the cats/dogs recipe's
@@ -117,6 +118,8 @@ class TrainConfig:
     pretrain_classes: tuple[int, ...] = field(default_factory=tuple)
     pretrain_epochs: int | None = None
     transfer_trainable: str = "dense"  # TRANSFER_TRAINABLE
+    transfer_optimizer: str = "fresh"  # TRANSFER_OPTIMIZER
+    transfer_reinit: bool = False  # the dense layers start the second phase from new weights
 
     @property
     def base_weights_real(self) -> bool:

@@ -23,7 +23,7 @@ from training import models, reports
 from training.config import VGG16_BLOCKS, Augmentation, TrainConfig
 from training.data import Dataset, select_classes
 from training.errors import ConfigError
-from training.fit import Fitted, Recipe, fit, split_validation
+from training.fit import Fitted, Recipe, fit, learning_rate, make_optimizer, split_validation
 
 log = logging.getLogger(__name__)
 
@@ -106,7 +106,9 @@ def fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
     x_pre, y_pre = select_classes(data.x_train, data.y_train, pretrain)
     x, y, x_val, y_val = split_validation(x_pre, y_pre, config.val_split, config.seed)
     pre = replace(recipe(config), epochs=config.pretrain_epochs or config.epochs)
-    fitted = fit(models.classifier_view(model), (x, y), (x_val, y_val), pre, phase="pretrain")
+    optimizer = make_optimizer(pre.optimizer, learning_rate(pre, len(x)), pre.momentum)
+    view = models.classifier_view(model)
+    fitted = fit(view, (x, y), (x_val, y_val), pre, phase="pretrain", optimizer=optimizer)
     trained.add(fitted, "pretrain", config.patience)
     before = models.predict(model, data.x_test)
 
@@ -114,14 +116,17 @@ def fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
         layer.trainable = config.transfer_trainable == "all" or isinstance(
             layer, keras.layers.Dense
         )
+    if config.transfer_reinit:
+        reinitialise_dense(model, config.seed)
     x, y, x_val, y_val = split_validation(data.x_train, data.y_train, config.val_split, config.seed)
     fitted = fit(
-        models.classifier_view(model),
+        view,
         (x, y),
         (x_val, y_val),
         recipe(config),
         phase="transfer",
         first_epoch=len(trained.rows) + 1,
+        optimizer=optimizer if config.transfer_optimizer == "continue" else None,
     )
     trained.add(fitted, "transfer", config.patience)
     after = models.predict(model, data.x_test)
@@ -151,6 +156,20 @@ def fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
         )
     trained.bottleneck_before = before["bottleneck"]
     return trained
+
+
+def reinitialise_dense(model: keras.Model, seed: int) -> None:
+    """Every Dense layer's weights drawn again from its initialisers (seeded)."""
+    dense = [layer for layer in model.layers if isinstance(layer, keras.layers.Dense)]
+    for i, layer in enumerate(dense):
+        initializer = layer.kernel_initializer
+        config = initializer.get_config()
+        if "seed" in config:  # not pretraining's draw again
+            initializer = initializer.from_config({**config, "seed": seed + 1000 + i})
+        layer.kernel.assign(initializer(layer.kernel.shape))
+        if layer.bias is not None:
+            layer.bias.assign(layer.bias_initializer(layer.bias.shape))
+    log.info("transfer: the dense layers start the second phase from new weights")
 
 
 def fit_vgg16(config: TrainConfig, data: Dataset) -> Trained:

@@ -166,7 +166,11 @@ def make_optimizer(
     return keras.optimizers.Adam(learning_rate=rate)
 
 
-def _rate(recipe: Recipe, steps: int) -> float | keras.optimizers.schedules.LearningRateSchedule:
+def learning_rate(
+    recipe: Recipe, examples: int
+) -> float | keras.optimizers.schedules.LearningRateSchedule:
+    """The recipe's rate (or schedule) for a fit over `examples` training examples."""
+    steps = max(1, int(np.ceil(examples / recipe.batch_size)))
     if recipe.schedule == "cosine":
         return keras.optimizers.schedules.CosineDecay(
             recipe.learning_rate, decay_steps=recipe.epochs * steps, alpha=0.01
@@ -182,12 +186,15 @@ def fit(
     *,
     phase: str = "",
     first_epoch: int = 1,
+    optimizer: keras.optimizers.Optimizer | None = None,
 ) -> Fitted:
-    """Compile `model` (one softmax output, integer labels) as `recipe` says and fit it."""
+    """Compile `model` (one softmax output, integer labels) as `recipe` says and fit it.
+    `optimizer`: one to use (and go on with: its state is kept) instead of a new one."""
     x, y = train
-    steps = max(1, int(np.ceil(len(x) / recipe.batch_size)))
+    if optimizer is None:
+        optimizer = make_optimizer(recipe.optimizer, learning_rate(recipe, len(x)), recipe.momentum)
     model.compile(
-        optimizer=make_optimizer(recipe.optimizer, _rate(recipe, steps), recipe.momentum),
+        optimizer=optimizer,
         loss=keras.losses.SparseCategoricalCrossentropy(),
         metrics=["accuracy"],
     )

@@ -16,6 +16,7 @@ from training.config import (
     SCHEDULES,
     SGD_LEARNING_RATE,
     SGD_MOMENTUM,
+    TRANSFER_OPTIMIZER,
     TRANSFER_TRAINABLE,
     VGG16_BLOCKS,
 )
@@ -381,4 +382,20 @@ def family_options(p: argparse.ArgumentParser, family: str) -> None:
             help="what learns in the second phase: dense (the dense layers only, the "
             "convolutions frozen: the seed notebook's stated recipe) or all (every layer goes "
             "on learning, at the same learning rate) (default: dense)",
+        )
+        p.add_argument(
+            "--transfer-optimizer",
+            choices=TRANSFER_OPTIMIZER,
+            default=_env("transfer_optimizer", "fresh"),
+            help="the second phase's optimizer: fresh (a new one, as after compiling again) or "
+            "continue (pretraining's, with its moment estimates and step count, as a notebook "
+            "that never compiled again would have) (default: fresh)",
+        )
+        p.add_argument(
+            "--transfer-reinit",
+            action=argparse.BooleanOptionalAction,
+            default=bool(_on(_env("transfer_reinit"))),
+            help="start the second phase with the dense layers (bottleneck and classifier) "
+            "drawn afresh from their initialisers, instead of as pretraining left them "
+            "(default: no)",
         )

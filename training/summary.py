@@ -96,6 +96,26 @@ SEED_NUMBERS = {
 }
 
 
+# Options an experiment may change from the default (setting, its default, its flag), named in
+# the table's row so that a row's seeds all ran the same recipe; the second set is transfer's.
+VARIED = (("val_split", 0.1, "--val-split"),)
+VARIED_TRANSFER = (
+    ("transfer_trainable", "dense", "--transfer-trainable"),
+    ("transfer_optimizer", "fresh", "--transfer-optimizer"),
+    ("transfer_reinit", False, "--transfer-reinit"),
+)
+
+
+def _changed_options(settings: dict[str, Any], family: str) -> str:
+    varied = VARIED + (VARIED_TRANSFER if family == "transfer" else ())
+    named = ""
+    for key, default, flag in varied:
+        value = settings.get(key, default)
+        if value != default:
+            named += f" {flag}" if value is True else f" {flag} {value}"
+    return named
+
+
 @dataclass(frozen=True)
 class Run:
     """What the table needs of one run directory (its metrics.json and config.json)."""
@@ -117,9 +137,8 @@ class Run:
         accuracies: tuple[float, ...] = (metrics["test_accuracy"],)
         epochs = str(len(metrics["epochs"]))
         settings = config.get("config", config)
+        model += _changed_options(settings, family)
         if family == "transfer":
-            if settings.get("transfer_trainable", "dense") != "dense":
-                model += f" --transfer-trainable {settings['transfer_trainable']}"
             after = metrics["transfer"]["after_transfer"]
             accuracies = (after["all"], after["pretrain_classes"], after["new_classes"])
             phases = [row["phase"] for row in metrics["epochs"]]

@@ -167,3 +167,50 @@ def test_transfer_trainable_all_goes_on_training_the_convolutions(tmp_path: Path
         kernels[trainable] = conv.get_weights()[0]
     # the same seed: the same pretraining, so the convolutions differ only if phase 2 moved them
     assert not np.allclose(kernels["dense"], kernels["all"])
+
+
+def test_transfer_experiments_continue_the_optimizer_and_reinitialise_the_head(
+    tmp_path: Path,
+) -> None:
+    import keras
+
+    def dense_weights(out: Path) -> list[np.ndarray]:
+        model = keras.saving.load_model(out / "model.keras", compile=False)
+        return [w for layer in model.layers if isinstance(layer, keras.layers.Dense)
+                for w in layer.get_weights()]  # fmt: skip
+
+    runs = {
+        "plain": {},
+        "continue": {"transfer_optimizer": "continue"},
+        "reinit": {"transfer_reinit": True},
+    }
+    weights = {}
+    for name, options in runs.items():
+        run(train_config(tmp_path / name, "transfer", **options))
+        config = _read(tmp_path / name, "config.json")["config"]
+        assert config["transfer_optimizer"] == options.get("transfer_optimizer", "fresh")
+        assert config["transfer_reinit"] == options.get("transfer_reinit", False)
+        weights[name] = dense_weights(tmp_path / name)
+    # one seed, one pretraining: the second phase alone makes them differ
+    for name in ("continue", "reinit"):
+        assert not all(
+            np.allclose(a, b) for a, b in zip(weights["plain"], weights[name], strict=True)
+        )
+
+
+def test_a_continued_optimizer_keeps_its_state_across_phases() -> None:
+    import keras
+
+    from training.fit import Recipe, fit, learning_rate, make_optimizer
+
+    x = np.random.default_rng(0).integers(0, 255, (64, 8, 8, 1), dtype=np.uint8)
+    y = np.arange(64) % 2
+    inputs = keras.Input((8, 8, 1))
+    outputs = keras.layers.Dense(2, activation="softmax")(keras.layers.Flatten()(inputs))
+    model = keras.Model(inputs, outputs)
+    recipe = Recipe(epochs=2, batch_size=16, learning_rate=1e-3, schedule="constant", seed=0)
+    optimizer = make_optimizer("adam", learning_rate(recipe, len(x)), None)
+    fit(model, (x, y), (x[:0], y[:0]), recipe, optimizer=optimizer)
+    assert int(optimizer.iterations) == 8  # 2 epochs of 4 steps
+    fit(model, (x, y), (x[:0], y[:0]), recipe, optimizer=optimizer)
+    assert int(optimizer.iterations) == 16  # went on counting: its moments went on too

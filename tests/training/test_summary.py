@@ -31,9 +31,12 @@ def test_runs_of_one_experiment_make_one_row_with_mean_and_sd(tmp_path: Path, ca
     write_run(results / "transfer-0", "transfer", 0.8, 0, transfer=transfer)
     write_run(results / "transfer-all-0", "transfer", 0.8, 0, {"transfer_trainable": "all"},
               transfer=transfer)  # fmt: skip
+    varied = {"transfer_trainable": "all", "transfer_optimizer": "continue",
+              "transfer_reinit": True, "val_split": 0.2}  # fmt: skip
+    write_run(results / "transfer-varied-0", "transfer", 0.8, 0, varied, transfer=transfer)
     assert main(["--table", str(results)]) == 0
     rows = capsys.readouterr().out.splitlines()
-    assert len(rows) == 5  # header, separator, three experiments
+    assert len(rows) == 6  # header, separator, four experiments
     sd = statistics.stdev([0.86, 0.87, 0.85])
     assert rows[2] == (
         f"| scratch --arch seed | 3 | 3 (0, 1, 2) | 2.0 min | 0.8600 ± {sd:.4f} (0.8500-0.8700) "
@@ -42,6 +45,10 @@ def test_runs_of_one_experiment_make_one_row_with_mean_and_sd(tmp_path: Path, ca
     assert rows[3].startswith("| transfer --arch seed | 2 + 2 | 1 (0) | 2.0 min | "
                               "0.8000 / 0.9000 / 0.7000 |")  # fmt: skip
     assert rows[4].startswith("| transfer --arch seed --transfer-trainable all | 2 + 2 | 1 (0) |")
+    assert rows[5].startswith(
+        "| transfer --arch seed --val-split 0.2 --transfer-trainable all "
+        "--transfer-optimizer continue --transfer-reinit | 2 + 2 |"
+    )
 
 
 def test_spread_of_one_value_is_the_value() -> None:
