@@ -17,7 +17,7 @@ import asyncio
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -109,9 +109,6 @@ class Model:
     spec: ModelSpec
     providers: tuple[str, ...]  # what onnxruntime really runs it on, first one doing the work
     decode_seconds: Histogram  # this version's series of cnn_serving_decode_duration_seconds
-    # Looked up as "the newest version": a request that resolved it just before a newer
-    # version replaced it goes to the newer one (same input shape) instead of failing.
-    newest: bool = field(default=False, kw_only=True)
 
     @property
     def on_cuda(self) -> bool:
@@ -132,7 +129,6 @@ class Core:
         self.draining = False
         self._models: dict[str, dict[int, Model]] = {}
         self._listeners: list[Callable[[str, bool], None]] = []
-        self._newest: dict[str, tuple[Model, Model]] = {}  # name: (newest version, its alias)
         self._decode = ThreadPoolExecutor(
             max_workers=config.decode_threads or available_cpus(), thread_name_prefix="decode"
         )
@@ -185,7 +181,6 @@ class Core:
         self._listeners.append(listener)
 
     def _notify(self, name: str, serving: bool) -> None:
-        self._newest.pop(name, None)  # its versions changed (and an unloaded one is let go)
         for listener in self._listeners:
             listener(name, serving)
 
@@ -212,18 +207,11 @@ class Core:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"model {shorten(name)!r} is not loaded (loaded models: {known})")
         if version is None or version == 0:
-            return self._as_newest(name, versions[max(versions)])
+            return versions[max(versions)]
         if version not in versions:
             have = ", ".join(map(str, sorted(versions)))
             raise ModelNotFound(f"model {name!r} has no version {version} (loaded: {have})")
         return versions[version]
-
-    def _as_newest(self, name: str, model: Model) -> Model:
-        """`model` marked as asked for by "newest" (one alias per version, made on change)."""
-        cached = self._newest.get(name)
-        if cached is None or cached[0] is not model:
-            cached = self._newest[name] = (model, replace(model, newest=True))
-        return cached[1]
 
     # ---- work
 

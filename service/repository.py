@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import zlib
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,11 @@ class ModelSpec:
     @property
     def image_shape(self) -> tuple[int, int, int]:
         return (self.height, self.width, self.channels)
+
+    @functools.cached_property
+    def labels_crc(self) -> int:
+        """A checksum of the labels: two versions answer alike only if these agree."""
+        return zlib.crc32("\n".join(self.labels).encode())
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready (for the engine's catalogue); `from_dict` reads it back."""

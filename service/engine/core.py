@@ -10,16 +10,16 @@ retried when its files change), a removed one is unloaded after its queue drains
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
 import os
 import threading
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from prometheus_client import PlatformCollector, ProcessCollector
@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 # the default scratch net from 0.57-0.63x to 0.67-0.74x of the transport ceiling and its
 # server-side p99 from 23-28 ms to 5 ms; larger models (VGG16) still run in a thread.
 INLINE_BELOW_S = 0.005
+# How long a version that was unloaded or replaced goes on taking the requests that looked it up
+# before (they decode their images between the lookup and the queue; a front end learns of the
+# change a moment after the engine).
+RETIRE_GRACE_S = 1.0
 
 
 @dataclass(eq=False)
@@ -77,6 +81,7 @@ class Engine(Core):
         self._policy = config.versions
         self._explicit: set[str] = set()  # explicit mode: the models loaded on request
         self._changes: set[asyncio.Task[None]] = set()  # loads and unloads under way
+        self._retiring: dict[tuple[str, int], list[LoadedModel]] = {}  # see _retire
         self._on_disk: dict[str, list[int]] = {}
         self._compute = ThreadPoolExecutor(max_workers=8, thread_name_prefix="infer")
         self._loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="load")
@@ -129,7 +134,11 @@ class Engine(Core):
         except (OSError, ValueError) as exc:
             log.error("cannot read %s (%s): loading the --load-model models", self.state_path, exc)
             return None
-        return [str(name) for name in names]
+        if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+            log.error("%s is not a list of model names: loading the --load-model models",
+                      self.state_path)  # fmt: skip
+            return None
+        return names
 
     async def stop(self) -> None:
         self.ready = False
@@ -137,6 +146,9 @@ class Engine(Core):
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)
+        for change in list(self._changes):  # a load or unload under way: cut at shutdown
+            change.cancel()
+        await asyncio.gather(*self._changes, return_exceptions=True)
         for model in self.loaded():  # after the drain: whatever is left is cut
             await model.batcher.close(graceful=False)
         for pool in (self._compute, self._loader):
@@ -170,29 +182,29 @@ class Engine(Core):
         except ConfigError as exc:
             if not unavailable:
                 raise
-            log.error("model control: %s", exc)
-            raise Unavailable("the model repository is missing or unreadable; retry") from exc
+            raise _repository_gone(exc) from exc
 
     async def _apply(self, found: dict[str, list[int]], only: str | None = None) -> None:
         """Serve what `found` and the mode ask for (`only`: change that model alone)."""
         self._on_disk = found
         serving = control.active(self.config.model_control_mode, found, self._explicit)
         self.found = set(serving)
+        unloads: list[tuple[str, int, str]] = []
         for name in serving:
             if only is not None and name != only:
                 continue
             if name not in self._models:
                 self._notify(name, False)  # known, not (yet) serving: health NOT_SERVING
             chosen = await self._load_versions(name, found[name])
-            for version in self.versions(name):
-                if version not in chosen:
-                    gone = version not in found[name]
-                    why = "gone from the repository" if gone else f"out of {self._policy_text}"
-                    await self._unload(name, version, why)
+            dropped = [v for v in self.versions(name) if v not in chosen]
+            for version in dropped:
+                gone = version not in found[name]
+                why = "gone from the repository" if gone else f"out of {self._policy_text}"
+                unloads.append((name, version, why))
         for name in self.names():
             if name not in serving and (only is None or name == only):
-                for version in self.versions(name):
-                    await self._unload(name, version, "gone from the repository")
+                unloads += [(name, v, "gone from the repository") for v in self.versions(name)]
+        await asyncio.gather(*(self._unload(*u) for u in unloads))  # they retire side by side
 
     async def _load_versions(self, name: str, versions: list[int]) -> list[int]:
         """Load the versions the policy picks among those that load (a failed one is passed
@@ -221,8 +233,8 @@ class Engine(Core):
         try:
             spec, session = await loop.run_in_executor(self._loader, self._open, name, version)
         except ModelLoadError as exc:
-            self._failed[(name, version)] = (signature, str(exc))
             log.error("skipping %s", exc)
+            self._failed[(name, version)] = (signature, self._for_clients(str(exc)))
             return False
         finally:
             self._changing.pop((name, version), None)
@@ -256,7 +268,10 @@ class Engine(Core):
 
     async def repository_index(self, ready_only: bool = False) -> list[IndexEntry]:
         # what is on disk now, scanned beside the loader thread (which may be warming up)
-        found = await asyncio.to_thread(repository.scan, self.config.repository)
+        try:
+            found = await asyncio.to_thread(repository.scan, self.config.repository)
+        except ConfigError as exc:
+            raise _repository_gone(exc) from exc
         loaded = {name: self.versions(name) for name in self.names()}
         failed = {key: message for key, (_, message) in self._failed.items()}
         mode = self.config.model_control_mode
@@ -266,31 +281,39 @@ class Engine(Core):
 
     async def load_model(self, name: str) -> None:
         self._check_control("load")
-        await self._to_the_end(self._load_model(name))
+        await self._to_the_end(functools.partial(self._load_model, name))
 
     async def unload_model(self, name: str) -> None:
         self._check_control("unload")
-        await self._to_the_end(self._unload_model(name))
+        await self._to_the_end(functools.partial(self._unload_model, name))
 
-    async def _to_the_end(self, change: Coroutine[Any, Any, None]) -> None:
-        """Run a model change as the engine's own task, to its end even when the caller goes
-        away (a cancelled RPC must not leave a version half loaded or half unloaded)."""
-        task = asyncio.get_running_loop().create_task(change)
+    async def _to_the_end(self, change: Callable[[], Awaitable[None]]) -> None:
+        """One change at a time. A caller that goes away while it waits for its turn drops out;
+        once its change has begun, it runs to its end as the engine's own task (a cancelled
+        RPC must not leave a version half loaded or half unloaded)."""
+        await self._control.acquire()
+
+        async def run() -> None:
+            try:
+                await change()
+            finally:
+                self._control.release()
+
+        task = asyncio.get_running_loop().create_task(run())
         self._changes.add(task)  # held until done (a loop keeps only weak references)
         task.add_done_callback(self._changes.discard)
         task.add_done_callback(_finished_change)
         await asyncio.shield(task)
 
     async def _load_model(self, name: str) -> None:
-        async with self._control:
-            found = await self._scan(unavailable=True)
-            if name not in found:
-                raise ModelNotFound(f"model {shorten(name)!r}: no such model in the repository")
-            self._remember(self._explicit | {name})
-            for key in [key for key in self._failed if key[0] == name]:
-                del self._failed[key]  # asked again: try again, even with the same files
-            await self._apply(found, only=name)
-            problems = self._load_problems(name, found[name]) + await self._reload_changed(name)
+        found = await self._scan(unavailable=True)
+        if name not in found:
+            raise ModelNotFound(f"model {shorten(name)!r}: no such model in the repository")
+        self._remember(self._explicit | {name})
+        for key in [key for key in self._failed if key[0] == name]:
+            del self._failed[key]  # asked again: try again, even with the same files
+        await self._apply(found, only=name)
+        problems = self._load_problems(name, found[name]) + await self._reload_changed(name)
         serving = self.versions(name)
         if problems:
             now = f"version {', '.join(map(str, serving))} serves" if serving else "nothing serves"
@@ -327,31 +350,39 @@ class Engine(Core):
                 failures.append(f"reloading failed ({why}); its old files keep serving")
                 continue
             log.info("reloaded model %r version %d: draining the old session", name, version)
-            await old.batcher.close()
+            await self._retire(old)
         return failures
 
     async def _unload_model(self, name: str) -> None:
-        async with self._control:
-            if name not in self._explicit and name not in self._models:
-                found = await self._scan(unavailable=True)
-                if name not in found:
-                    raise ModelNotFound(f"model {shorten(name)!r}: no such model in the repository")
-                return  # not loaded: nothing to do (as Triton answers)
-            self._remember(self._explicit - {name})
-            self.found.discard(name)
-            for key in [key for key in self._failed if key[0] == name]:
-                del self._failed[key]  # an old failure is no reason once unloaded
-            for version in self.versions(name):
-                await self._unload(name, version, "unloaded on request")
+        if name not in self._explicit and name not in self._models:
+            found = await self._scan(unavailable=True)
+            if name not in found:
+                raise ModelNotFound(f"model {shorten(name)!r}: no such model in the repository")
+            return  # not loaded: nothing to do (as Triton answers)
+        self._remember(self._explicit - {name})
+        self.found.discard(name)
+        for key in [key for key in self._failed if key[0] == name]:
+            del self._failed[key]  # an old failure is no reason once unloaded
+        unloads = [self._unload(name, v, "unloaded on request") for v in self.versions(name)]
+        await asyncio.gather(*unloads)
 
     def _remember(self, names: set[str]) -> None:
-        """The models loaded on request, kept in `state_path` (if any) for a restarted engine."""
+        """The models loaded on request, kept in `state_path` (if any) for a restarted engine;
+        a file that cannot be written is logged, and the change goes on."""
         self._explicit = names
         if self.state_path is None:
             return
         staging = self.state_path.with_name(f".{self.state_path.name}.{os.getpid()}")
-        staging.write_text(json.dumps(sorted(names)), encoding="utf-8")
-        staging.replace(self.state_path)  # whole or not at all
+        try:
+            staging.write_text(json.dumps(sorted(names)), encoding="utf-8")
+            staging.replace(self.state_path)  # whole or not at all
+        except OSError as exc:
+            log.error(
+                "cannot keep the models loaded on request in %s (%s): an engine restarted "
+                "now would load --load-model's instead",
+                self.state_path,
+                exc,
+            )
 
     def _check_control(self, what: str) -> None:
         mode = self.config.model_control_mode
@@ -362,6 +393,14 @@ class Engine(Core):
                 f"{how}); start it with --model-control-mode explicit to load and unload "
                 "models on request"
             )
+
+    def _for_clients(self, message: str) -> str:
+        """A load error as clients see it (in load answers and the index): the repository's
+        place on this machine left out (the log has it)."""
+        paths = {str(self.config.repository.resolve()), str(self.config.repository)}
+        for path in sorted(paths, key=len, reverse=True):
+            message = message.replace(path + os.sep, "").replace(path, "<repository>")
+        return message
 
     @property
     def _policy_text(self) -> str:
@@ -413,7 +452,7 @@ class Engine(Core):
         )
 
     async def _unload(self, name: str, version: int, why: str) -> None:
-        """Refuse new requests for the version at once, finish its queue, then free it."""
+        """Refuse new lookups of the version at once; retire it (below); then free it."""
         model = self._loaded(self._models[name].pop(version))
         if not self._models[name]:
             del self._models[name]
@@ -421,7 +460,7 @@ class Engine(Core):
         log.info("unloading model %r version %d (%s): draining its queue", name, version, why)
         self._changing[(name, version)] = control.UNLOADING
         try:
-            await model.batcher.close()
+            await self._retire(model)
         finally:
             self._changing.pop((name, version), None)
             self.metrics.forget(name, version)
@@ -429,6 +468,20 @@ class Engine(Core):
         loop = asyncio.get_running_loop()  # ...and given back to the system, off the loop
         await loop.run_in_executor(self._loader, memory.release_freed_memory)
         log.info("unloaded model %r version %d (%s)", name, version, why)
+
+    async def _retire(self, model: LoadedModel) -> None:
+        """A version no lookup finds any more (unloaded, or replaced by a reload) still takes,
+        for RETIRE_GRACE_S, the requests that looked it up before: they are answered by the
+        version they resolved, with its labels. Then its queue drains and it closes."""
+        key = (model.spec.name, model.spec.version)
+        self._retiring.setdefault(key, []).append(model)
+        try:
+            await asyncio.sleep(RETIRE_GRACE_S)
+            await model.batcher.close()
+        finally:
+            self._retiring[key].remove(model)
+            if not self._retiring[key]:
+                del self._retiring[key]
 
     # ---- lookups and work
 
@@ -453,35 +506,23 @@ class Engine(Core):
         self, model: Model, batch: np.ndarray, deadline: float | None
     ) -> asyncio.Future[Outputs]:
         """Queue a checked (N, H, W, C) uint8 batch; cancel the future to withdraw it."""
-        loaded = self._loaded(model)
-        if loaded.batcher.closed:  # replaced since the request looked it up
-            loaded = self._successor(loaded, model.newest)
-        return loaded.batcher.put(batch, deadline)
-
-    def _successor(self, model: LoadedModel, newest: bool) -> LoadedModel:
-        """What now serves a request that resolved `model` before a reload (the same version's
-        new session) or, asked for the newest, before a newer version replaced it. Without
-        one, `model` (its closed batcher answers UNAVAILABLE)."""
-        versions = self._models.get(model.spec.name, {})
-        current = versions[max(versions)] if newest and versions else None
-        current = current or versions.get(model.spec.version)
-        if current is None or current.spec.image_shape != model.spec.image_shape:
-            return model
-        return self._loaded(current)
+        return self._loaded(model).batcher.put(batch, deadline)
 
     def resolve(
-        self, name: str, version: int, newest: bool, shape: tuple[int, int, int]
+        self, name: str, version: int, shape: tuple[int, int, int], labels: int
     ) -> LoadedModel:
-        """The version a front end's request goes to: the one it names, or the newest one
-        now when it asked for the newest; UNAVAILABLE when that one takes other images than
-        the request's (its newest version changed while the front end decoded them)."""
-        model = self.model(name, None if newest else version)
-        if model.spec.image_shape != shape:
-            raise Unavailable(
-                f"model {name!r}: its newest version is now {model.spec.version}, which takes "
-                f"{model.spec.image_shape} images, not the request's {shape}; retry"
-            )
-        return model
+        """The session a front end's request goes to: the version it names, with the input
+        shape and labels it resolved (a version replaced by a reload or unloaded a moment ago
+        still takes such requests while it retires); else UNAVAILABLE, to be retried."""
+        current = self._models.get(name, {}).get(version)
+        for model in [current, *self._retiring.get((name, version), [])]:
+            if model is not None and model.spec.image_shape == shape:
+                if model.spec.labels_crc == labels:
+                    return self._loaded(model)
+        raise Unavailable(
+            f"model {shorten(name)!r} version {version} was unloaded or replaced while the "
+            "request was on its way; retry"
+        )
 
     async def statistics(self, models: Sequence[Model]) -> list[Stats]:
         return [self._loaded(model).stats for model in models]
@@ -494,6 +535,11 @@ class Engine(Core):
         if not isinstance(model, LoadedModel):  # a bug, not a client mistake
             raise TypeError(f"{model.where} does not belong to this engine")
         return model
+
+
+def _repository_gone(exc: ConfigError) -> Unavailable:
+    log.error("model control: %s", exc)  # the path is for the log, not for clients
+    return Unavailable("the model repository is missing or unreadable; retry")
 
 
 def _finished_change(task: asyncio.Task[None]) -> None:

@@ -171,7 +171,7 @@ class EngineHost:
 
     def _infer(self, channel: Channel, peer: Peer, record: rec.Infer) -> None:
         try:
-            model = self.engine.resolve(record.model, record.version, record.newest, record.shape)
+            model = self.engine.resolve(record.model, record.version, record.shape, record.labels)
             shape = record.shape
             size = record.count * math.prod(shape)
             pixels = self._segments.view(record.segment, record.offset, size, record.transient)

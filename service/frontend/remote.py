@@ -191,7 +191,7 @@ class EngineClient(Core):
             lease.offset,
             deadline or 0.0,
             lease.transient,
-            model.newest,
+            spec.labels_crc,
         )
         channel.send(rec.Kind.INFER, record.encode())
         try:

@@ -60,14 +60,12 @@ class Infer:
     offset: int  # bytes into the segment
     deadline: float  # time.monotonic() (one clock for every process); 0: none
     transient: bool  # a one-off segment: map it for this request only
-    newest: bool = False  # asked for the newest version (not this one by number)
+    labels: int = 0  # ModelSpec.labels_crc of the version it resolved (answers use its labels)
 
-    _HEAD = struct.Struct("<QIIQdIIIBHB")
-    _TRANSIENT, _NEWEST = 1, 2
+    _HEAD = struct.Struct("<QIIQdIIII?HB")
 
     def encode(self) -> bytes:
         model, segment = self.model.encode(), self.segment.encode()
-        flags = self._TRANSIENT * self.transient | self._NEWEST * self.newest
         head = self._HEAD.pack(
             self.request,
             self.version,
@@ -75,7 +73,8 @@ class Infer:
             self.offset,
             self.deadline,
             *self.shape,
-            flags,
+            self.labels,
+            self.transient,
             len(model),
             len(segment),
         )
@@ -83,16 +82,15 @@ class Infer:
 
     @classmethod
     def decode(cls, data: bytes | memoryview) -> Infer:
-        request, version, count, offset, deadline, h, w, c, flags, m, s = cls._HEAD.unpack_from(
-            data
+        request, version, count, offset, deadline, h, w, c, labels, transient, m, s = (
+            cls._HEAD.unpack_from(data)
         )
         start = cls._HEAD.size
         model = bytes(data[start : start + m]).decode()
         segment = bytes(data[start + m : start + m + s]).decode()
-        transient, newest = bool(flags & cls._TRANSIENT), bool(flags & cls._NEWEST)
         shape = (h, w, c)
         return cls(
-            request, model, version, count, shape, segment, offset, deadline, transient, newest
+            request, model, version, count, shape, segment, offset, deadline, transient, labels
         )
 
 

@@ -22,8 +22,8 @@ def test_records_round_trip():
     shape = (224, 224, 3)
     infer = rec.Infer(2**40, "fashion-ü", 3, 64, shape, f"{PREFIX}.1.0", 4096, 123.25, True)
     assert rec.Infer.decode(infer.encode()) == infer
-    newest = rec.Infer(1, "m", 7, 1, (28, 28, 1), f"{PREFIX}.1.0", 0, 0.0, False, newest=True)
-    assert rec.Infer.decode(newest.encode()) == newest
+    labelled = rec.Infer(1, "m", 7, 1, (28, 28, 1), f"{PREFIX}.1.0", 0, 0.0, False, 2**32 - 1)
+    assert rec.Infer.decode(labelled.encode()) == labelled
     done = rec.Done("fashion", 7, 30, 2**40, 2, 1_234_567)
     assert rec.Done.decode(done.encode()) == done
     assert rec.Cancel.decode(rec.Cancel(99).encode()) == rec.Cancel(99)

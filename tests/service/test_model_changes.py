@@ -19,10 +19,10 @@ import pytest
 from service.__main__ import build_parser
 from service.config import ServeConfig
 from service.engine import Engine, control
-from service.errors import ModelLoadError, ModelNotFound, Unavailable
+from service.errors import ModelLoadError, Unavailable
 from service.repository import VersionPolicy
 from service.rest.protocol import Lingering
-from tests.conftest import MODEL, reference, start_server
+from tests.conftest import MODEL, png, reference, start_server
 from tests.service.test_frontends import pid_of
 from tests.service.test_model_control import (
     SECOND,
@@ -44,35 +44,52 @@ async def until(condition, what: str, timeout_s: float = 60) -> None:
         await asyncio.sleep(0.01)
 
 
-def test_a_request_that_asked_for_the_newest_follows_a_version_swap(
+def relabel(repo: Path, version: int) -> None:
+    """The same network under other label names: a version that answers differently."""
+    metadata = repo / MODEL / str(version) / "metadata.json"
+    document = json.loads(metadata.read_text())
+    document["labels"] = [f"class {i}" for i in range(len(document["labels"]))]
+    metadata.write_text(json.dumps(document))
+
+
+def test_a_request_that_resolved_a_replaced_version_is_answered_by_it(
     private_repo: Path, sample_images
 ) -> None:
     x, _ = sample_images
-    want = reference(private_repo, x[:2])["probabilities"]
+    image = png(x[0])
 
     async def scenario() -> None:
         engine = engine_for(private_repo, version_policy="latest:1")
         await engine.start()
-        newest, pinned = engine.model(MODEL), engine.model(MODEL, 1)  # resolved, then...
+        v1 = engine.model(MODEL)  # resolved (as "the newest"), then...
+        labels = v1.spec.labels
         copy_version(private_repo, 1, 2)
-        await engine.refresh()  # ...2 loaded and 1 unloaded before they are sent
-        assert engine.versions(MODEL) == [2]
-        got = await engine.infer(newest, x[:2])
-        np.testing.assert_allclose(got["probabilities"], want, atol=1e-6)
+        relabel(private_repo, 2)
+        swap = asyncio.create_task(engine.refresh())
+        await until(lambda: engine.versions(MODEL) == [2], "version 2 replaced version 1")
+        # ...sent after the swap: answered by version 1, with its labels, not refused
+        [prediction] = await engine.classify(v1, [image])
+        assert prediction.version == 1 and prediction.label in labels
+        v2 = engine.model(MODEL)
+        assert v2.spec.version == 2 and v2.spec.labels != labels
+        # a front end's request goes where its shape and labels say, while version 1 retires
+        assert engine.resolve(MODEL, 1, SHAPE, v1.spec.labels_crc).spec is v1.spec
+        assert engine.resolve(MODEL, 2, SHAPE, v2.spec.labels_crc).spec is v2.spec
+        with pytest.raises(Unavailable, match="version 2 was unloaded or replaced .*; retry"):
+            engine.resolve(MODEL, 2, SHAPE, v1.spec.labels_crc)  # other labels than it knew
+        with pytest.raises(Unavailable, match="replaced"):
+            engine.resolve(MODEL, 2, (32, 32, 3), v2.spec.labels_crc)
+        await swap  # version 1 has retired: now it refuses
         with pytest.raises(Unavailable, match="version 1: this model version is being unloaded"):
-            await engine.infer(pinned, x[:1])  # version 1 by number: it is gone
-        # what the engine process does with a front end's request of each kind
-        assert engine.resolve(MODEL, 1, True, SHAPE).spec.version == 2
-        with pytest.raises(ModelNotFound, match="has no version 1"):
-            engine.resolve(MODEL, 1, False, SHAPE)
-        with pytest.raises(Unavailable, match=r"newest version is now 2, which takes \(28, 28"):
-            engine.resolve(MODEL, 1, True, (32, 32, 3))
+            await engine.infer(v1, x[:1])
+        with pytest.raises(Unavailable, match="version 1 was unloaded or replaced"):
+            engine.resolve(MODEL, 1, SHAPE, v1.spec.labels_crc)
         await engine.stop()
 
     asyncio.run(scenario())
 
 
-def test_a_request_caught_by_a_reload_is_served_by_the_new_session(
+def test_a_request_caught_by_a_reload_is_answered_by_the_old_session(
     private_repo: Path, sample_images
 ) -> None:
     x, _ = sample_images
@@ -81,14 +98,14 @@ def test_a_request_caught_by_a_reload_is_served_by_the_new_session(
     async def scenario() -> None:
         engine = engine_for(private_repo, model_control_mode="explicit", load_models=(MODEL,))
         await engine.start()
-        pinned = engine.model(MODEL, 1)
-        onnx = private_repo / MODEL / "1" / "model.onnx"
-        stamp = onnx.stat().st_mtime_ns + 10**9
-        os.utime(onnx, ns=(stamp, stamp))  # changed on disk: the load below reloads it
-        await engine.load_model(MODEL)
-        assert engine.model(MODEL, 1) is not pinned
-        got = await engine.infer(pinned, x[:1])
+        old = engine.model(MODEL, 1)
+        relabel(private_repo, 1)  # changed on disk: the load below reloads it
+        reload = asyncio.create_task(engine.load_model(MODEL))
+        await until(lambda: engine.model(MODEL, 1) is not old, "the new session took over")
+        assert engine.model(MODEL, 1).spec.labels != old.spec.labels
+        got = await engine.infer(old, x[:1])  # looked up before: the old session answers
         np.testing.assert_allclose(got["probabilities"], want, atol=1e-6)
+        await reload
         await engine.stop()
 
     asyncio.run(scenario())
@@ -113,6 +130,7 @@ def test_a_partial_load_fails_naming_the_versions_and_keeps_the_good_ones(
     assert versions == [1]
     assert message.startswith(f"model {MODEL!r}: model {MODEL!r} version 2")
     assert message.endswith("; version 1 serves")
+    assert str(private_repo) not in message and f"{MODEL}/2/model.onnx" in message
     message, versions = asyncio.run(load("latest:1"))  # the broken 2 leaves 1 serving
     assert versions == [1] and "version 2" in message and message.endswith("version 1 serves")
     message, versions = asyncio.run(load("specific:1,7"))
@@ -153,6 +171,29 @@ def test_a_cancelled_load_or_unload_runs_to_its_end(private_repo: Path, sample_i
     asyncio.run(scenario())
 
 
+def test_callers_that_go_away_while_waiting_for_their_turn_drop_out(
+    private_repo: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    break_version(private_repo, 2)  # every load retries it: a load that runs leaves a line
+
+    async def scenario() -> None:
+        engine = engine_for(private_repo, model_control_mode="explicit")
+        await engine.start()
+        callers = [asyncio.create_task(engine.load_model(MODEL)) for _ in range(20)]
+        await asyncio.sleep(0)  # the first has begun; the others wait for their turn
+        for caller in callers:
+            caller.cancel()
+        await asyncio.gather(*callers, return_exceptions=True)
+        await until(lambda: engine.versions(MODEL) == [1], "the first load finished")
+        await engine.unload_model(MODEL)  # its turn comes after the first load's end
+        await engine.stop()
+
+    with caplog.at_level("ERROR", logger="service.engine.core"):
+        asyncio.run(scenario())
+    tries = [r for r in caplog.records if r.getMessage().startswith(f"skipping model {MODEL!r}")]
+    assert len(tries) == 1
+
+
 def test_index_reasons_in_explicit_mode(private_repo: Path) -> None:
     async def scenario() -> None:
         engine = engine_for(private_repo, model_control_mode="explicit", load_models=(MODEL,))
@@ -174,6 +215,8 @@ def test_index_reasons_in_explicit_mode(private_repo: Path) -> None:
         shutil.move(private_repo, private_repo.with_name("moved"))
         with pytest.raises(Unavailable, match="the model repository is missing or unreadable"):
             await engine.load_model(MODEL)
+        with pytest.raises(Unavailable, match="the model repository is missing or unreadable"):
+            await engine.repository_index()
         await engine.stop()
 
     asyncio.run(scenario())
@@ -205,8 +248,15 @@ def test_models_loaded_on_request_survive_an_engine_restart(private_repo: Path) 
     assert asyncio.run(restart()) == [MODEL]  # nothing asked yet: --load-model's
     assert asyncio.run(restart(("load", SECOND), ("unload", MODEL))) == [SECOND]
     assert asyncio.run(restart()) == [SECOND]  # as the last engine left it
+    for bad in ("null", "5", '"second"', "[1]", "{"):  # not a list of names: --load-model's
+        state.write_text(bad)
+        assert asyncio.run(restart()) == [MODEL]
+    state.write_text(json.dumps([SECOND]))
     shutil.rmtree(private_repo / SECOND)
     assert asyncio.run(restart()) == []  # gone from the repository: logged and skipped
+    state.unlink()
+    state.mkdir()  # cannot be written: the change goes on, and the log says so
+    assert asyncio.run(restart(("unload", MODEL))) == []
 
 
 def test_a_restarted_engine_process_loads_what_was_loaded_on_request(private_repo: Path) -> None:
