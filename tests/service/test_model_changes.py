@@ -21,7 +21,6 @@ from service.config import ServeConfig
 from service.engine import Engine, control
 from service.errors import ModelLoadError, Unavailable
 from service.repository import VersionPolicy
-from service.rest.protocol import Lingering
 from tests.conftest import MODEL, png, reference, start_server
 from tests.service.test_frontends import pid_of
 from tests.service.test_model_control import (
@@ -351,44 +350,56 @@ def test_the_load_model_flag_replaces_the_variable(monkeypatch: pytest.MonkeyPat
     assert args.load_models == ["c", "d"]
 
 
-class Transport:
-    """What Lingering needs of a transport, recording what it is asked."""
-
-    def __init__(self) -> None:
-        self.calls: list[str] = []
-
-    def is_closing(self) -> bool:
-        return "close" in self.calls
-
-    def can_write_eof(self) -> bool:
-        return True
-
-    def write_eof(self) -> None:
-        self.calls.append("write_eof")
-
-    def resume_reading(self) -> None:
-        self.calls.append("resume_reading")
-
-    def close(self) -> None:
-        self.calls.append("close")
+CALLED: list[str] = []  # the methods _plain_app was called for (once a request's head is in)
 
 
-class Protocol:
-    def __init__(self, loop: asyncio.AbstractEventLoop, in_message: bool) -> None:
-        self.loop = loop
-        self._in_message = in_message
-        self._lingering = False
+async def _plain_app(scope, receive, send) -> None:  # type: ignore[no-untyped-def]
+    if scope["type"] != "http":
+        return
+    CALLED.append(scope["method"])
+    await receive()  # the body (a POST's below never comes)
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    await send({"type": "http.response.body", "body": b"ok"})
 
 
-@pytest.mark.parametrize("in_message", [False, True])
-def test_only_a_connection_with_a_request_unread_lingers(in_message: bool) -> None:
-    async def close() -> list[str]:
-        transport = Transport()
-        Lingering(transport, Protocol(asyncio.get_running_loop(), in_message)).close()  # type: ignore[arg-type]
-        return transport.calls
+@pytest.mark.parametrize("complete", [True, False])
+def test_only_a_connection_with_a_request_unread_lingers(complete: bool) -> None:
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
 
-    calls = asyncio.run(close())
-    if in_message:  # the answer, a FIN, then reading (and dropping) what still comes
-        assert calls == ["write_eof", "resume_reading"]
-    else:  # idle between requests (keep-alive, shutdown): nothing unread, closed at once
-        assert calls == ["close"]
+    from service.rest.protocol import guarded
+
+    made: list = []
+
+    class Probe(guarded(30.0)):  # type: ignore[misc, valid-type]
+        def connection_made(self, transport) -> None:  # type: ignore[no-untyped-def]
+            self.socket_transport = transport  # the real one, under the lingering wrapper
+            made.append(self)
+            super().connection_made(transport)
+
+    async def close_after(request: bytes) -> bool:
+        config = Config(_plain_app, lifespan="off", log_level="warning")
+        state = ServerState()
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(lambda: Probe(config, state, {}), "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(request)
+        await writer.drain()
+        if complete:
+            await reader.readuntil(b"ok")  # answered: the connection is idle (keep-alive)
+        else:
+            await until(lambda: "POST" in CALLED, "the head has arrived (the body never will)")
+        protocol = made[0]
+        protocol.transport.close()  # what uvicorn does at shutdown or on an early answer
+        closed_at_once = protocol.socket_transport.is_closing()
+        writer.close()
+        server.close()
+        await asyncio.sleep(0)
+        return closed_at_once
+
+    if complete:  # nothing unread: closed at once (no lingering at shutdown)
+        assert asyncio.run(close_after(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"))
+    else:  # a body still to come: the connection lingers, reading and dropping it
+        head = b"POST / HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n0123456789"
+        assert not asyncio.run(close_after(head))
