@@ -58,8 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     kinds = {
         "scratch": "a CNN trained from scratch (the seed network or the stronger default)",
         "vgg16": "a frozen VGG16 base with a dense head trained on cached features",
-        "transfer": "the seed's transfer experiment: pretrain on some classes, freeze the "
-        "convolutions, retrain the dense layers on all classes",
+        "transfer": "the seed's transfer experiment: pretrain on some classes, then retrain on "
+        "all classes (every layer by default, as the seed's numbers say it did; "
+        "--transfer-trainable dense freezes the convolutions, as it says it did)",
     }
     for family, text in kinds.items():
         p = sub.add_parser(
@@ -115,7 +116,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
         pretrain_epochs=(
             int(args.pretrain_epochs) if getattr(args, "pretrain_epochs", None) else None
         ),
-        transfer_trainable=getattr(args, "transfer_trainable", "dense"),
+        transfer_trainable=getattr(args, "transfer_trainable", "all"),
         transfer_optimizer=getattr(args, "transfer_optimizer", "fresh"),
         transfer_reinit=bool(getattr(args, "transfer_reinit", False)),
     )

@@ -117,7 +117,7 @@ class TrainConfig:
     # transfer
     pretrain_classes: tuple[int, ...] = field(default_factory=tuple)
     pretrain_epochs: int | None = None
-    transfer_trainable: str = "dense"  # TRANSFER_TRAINABLE
+    transfer_trainable: str = "all"  # TRANSFER_TRAINABLE (all: what reproduces the seed)
     transfer_optimizer: str = "fresh"  # TRANSFER_OPTIMIZER
     transfer_reinit: bool = False  # the dense layers start the second phase from new weights
 

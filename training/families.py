@@ -87,8 +87,9 @@ def fit_scratch(config: TrainConfig, data: Dataset) -> Trained:
 
 
 def fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
-    """The seed's experiment: pretrain on some classes, freeze the convolutions, retrain the
-    dense layers on all classes; accuracy overall, on the pretrain classes and on the new ones."""
+    """The seed's experiment: pretrain on some classes, then retrain on all classes (every
+    layer, or with --transfer-trainable dense only the dense layers); accuracy overall, on the
+    pretrain classes and on the new ones."""
     num_classes = len(data.labels)
     pretrain = sorted(config.pretrain_classes)
     if not pretrain or min(pretrain) < 0 or max(pretrain) >= num_classes:
@@ -112,7 +113,7 @@ def fit_transfer(config: TrainConfig, data: Dataset) -> Trained:
     trained.add(fitted, "pretrain", config.patience)
     before = models.predict(model, data.x_test)
 
-    for layer in model.layers:  # only the dense layers learn from here on
+    for layer in model.layers:  # dense: only the dense layers learn from here on
         layer.trainable = config.transfer_trainable == "all" or isinstance(
             layer, keras.layers.Dense
         )

@@ -378,10 +378,11 @@ def family_options(p: argparse.ArgumentParser, family: str) -> None:
         p.add_argument(
             "--transfer-trainable",
             choices=TRANSFER_TRAINABLE,
-            default=_env("transfer_trainable", "dense"),
-            help="what learns in the second phase: dense (the dense layers only, the "
-            "convolutions frozen: the seed notebook's stated recipe) or all (every layer goes "
-            "on learning, at the same learning rate) (default: dense)",
+            default=_env("transfer_trainable", "all"),
+            help="what learns in the second phase: all (every layer goes on learning, at the "
+            "same learning rate: what reproduces the seed notebook's numbers, see "
+            "docs/training.md) or dense (the dense layers only, the convolutions frozen: the "
+            "recipe the notebook states) (default: all)",
         )
         p.add_argument(
             "--transfer-optimizer",

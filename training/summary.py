@@ -96,21 +96,22 @@ SEED_NUMBERS = {
 }
 
 
-# Options an experiment may change from the default (setting, its default, its flag), named in
-# the table's row so that a row's seeds all ran the same recipe; the second set is transfer's.
-VARIED = (("val_split", 0.1, "--val-split"),)
-VARIED_TRANSFER = (
-    ("transfer_trainable", "dense", "--transfer-trainable"),
-    ("transfer_optimizer", "fresh", "--transfer-optimizer"),
-    ("transfer_reinit", False, "--transfer-reinit"),
+# Options an experiment may change from the default, named in the table's row so that a row's
+# seeds all ran the same recipe: (setting, its default now, what a run recorded without it ran
+# with, its flag); the second set is transfer's.
+VARIED: tuple[tuple[str, Any, Any, str], ...] = (("val_split", 0.1, 0.1, "--val-split"),)
+VARIED_TRANSFER: tuple[tuple[str, Any, Any, str], ...] = (
+    ("transfer_trainable", "all", "dense", "--transfer-trainable"),
+    ("transfer_optimizer", "fresh", "fresh", "--transfer-optimizer"),
+    ("transfer_reinit", False, False, "--transfer-reinit"),
 )
 
 
 def _changed_options(settings: dict[str, Any], family: str) -> str:
     varied = VARIED + (VARIED_TRANSFER if family == "transfer" else ())
     named = ""
-    for key, default, flag in varied:
-        value = settings.get(key, default)
+    for key, default, unrecorded, flag in varied:
+        value = settings.get(key, unrecorded)
         if value != default:
             named += f" {flag}" if value is True else f" {flag} {value}"
     return named
