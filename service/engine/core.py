@@ -143,6 +143,8 @@ class Engine(Core):
     async def stop(self) -> None:
         self.ready = False
         self._stopping.set()
+        for retiring in [m for models in self._retiring.values() for m in models]:
+            await retiring.batcher.close(graceful=False)  # as every loaded version, below
         if self._poller is not None:
             self._poller.cancel()
             await asyncio.gather(self._poller, return_exceptions=True)

@@ -88,6 +88,26 @@ def test_a_request_that_resolved_a_replaced_version_is_answered_by_it(
     asyncio.run(scenario())
 
 
+def test_a_stop_cuts_what_a_retiring_version_still_holds(private_repo: Path, sample_images) -> None:
+    x, _ = sample_images
+
+    async def scenario() -> None:
+        engine = engine_for(private_repo, version_policy="latest:1", max_queue_delay_ms=60_000)
+        await engine.start()
+        v1 = engine.model(MODEL)
+        copy_version(private_repo, 1, 2)
+        swap = asyncio.create_task(engine.refresh())
+        await until(lambda: engine.versions(MODEL) == [2], "version 2 replaced version 1")
+        waiting = asyncio.create_task(engine.infer(v1, x[:1]))  # queued for 60 s in version 1
+        await until(lambda: v1.batcher.depth == 1, "the request is queued")
+        await engine.stop()  # answers it at once, as every loaded version's queue
+        with pytest.raises(Unavailable, match="shutting down"):
+            await asyncio.wait_for(waiting, 10)
+        await asyncio.gather(swap, return_exceptions=True)
+
+    asyncio.run(scenario())
+
+
 def test_a_request_caught_by_a_reload_is_answered_by_the_old_session(
     private_repo: Path, sample_images
 ) -> None:
