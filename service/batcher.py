@@ -110,11 +110,6 @@ class Batcher:
         self._drained: asyncio.Future[None] | None = None  # close() waits on it
 
     @property
-    def closed(self) -> bool:
-        """No longer taking requests (being unloaded, or replaced by a reload)."""
-        return self._closed
-
-    @property
     def depth(self) -> int:
         """Images waiting (not yet in a running batch)."""
         return self._queued_images
