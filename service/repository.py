@@ -45,8 +45,8 @@ class ModelSpec:
     def onnx_path(self) -> Path:
         return self.path / "model.onnx"
 
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
+    @functools.cached_property
+    def image_shape(self) -> tuple[int, int, int]:  # made once: read on every request
         return (self.height, self.width, self.channels)
 
     @functools.cached_property

@@ -517,10 +517,11 @@ class Engine(Core):
         shape and labels it resolved (a version replaced by a reload or unloaded a moment ago
         still takes such requests while it retires); else UNAVAILABLE, to be retried."""
         current = self._models.get(name, {}).get(version)
-        for model in [current, *self._retiring.get((name, version), [])]:
-            if model is not None and model.spec.image_shape == shape:
-                if model.spec.labels_crc == labels:
-                    return self._loaded(model)
+        if current is not None and _answers_as(current.spec, shape, labels):  # nearly always
+            return self._loaded(current)
+        for model in self._retiring.get((name, version), ()):
+            if _answers_as(model.spec, shape, labels):
+                return model
         raise Unavailable(
             f"model {shorten(name)!r} version {version} was unloaded or replaced while the "
             "request was on its way; retry"
@@ -537,6 +538,11 @@ class Engine(Core):
         if not isinstance(model, LoadedModel):  # a bug, not a client mistake
             raise TypeError(f"{model.where} does not belong to this engine")
         return model
+
+
+def _answers_as(spec: ModelSpec, shape: tuple[int, int, int], labels: int) -> bool:
+    """The version takes `shape` images and answers with the labels of checksum `labels`."""
+    return spec.image_shape == shape and spec.labels_crc == labels
 
 
 def _repository_gone(exc: ConfigError) -> Unavailable:

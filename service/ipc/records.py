@@ -60,7 +60,7 @@ class Infer:
     offset: int  # bytes into the segment
     deadline: float  # time.monotonic() (one clock for every process); 0: none
     transient: bool  # a one-off segment: map it for this request only
-    labels: int = 0  # ModelSpec.labels_crc of the version it resolved (answers use its labels)
+    labels: int  # ModelSpec.labels_crc of the version it resolved (answers use its labels)
 
     _HEAD = struct.Struct("<QIIQdIIII?HB")
 

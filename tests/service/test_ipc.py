@@ -20,7 +20,7 @@ PREFIX = f"cnn-serving-test{os.getpid()}"
 
 def test_records_round_trip():
     shape = (224, 224, 3)
-    infer = rec.Infer(2**40, "fashion-ü", 3, 64, shape, f"{PREFIX}.1.0", 4096, 123.25, True)
+    infer = rec.Infer(2**40, "fashion-ü", 3, 64, shape, f"{PREFIX}.1.0", 4096, 123.25, True, 7)
     assert rec.Infer.decode(infer.encode()) == infer
     labelled = rec.Infer(1, "m", 7, 1, (28, 28, 1), f"{PREFIX}.1.0", 0, 0.0, False, 2**32 - 1)
     assert rec.Infer.decode(labelled.encode()) == labelled
