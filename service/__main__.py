@@ -23,12 +23,13 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from service import bottleneck_map
+from service import bottleneck_map, loops
 from service.cli import ENV_PREFIX, add_option, connection_options, make_client
 from service.config import (
     CONTROL_MODES,
     DECODE_BUDGET_MIB,
     DEVICES,
+    EVENT_LOOPS,
     MAX_IMAGE_PIXELS,
     MiB,
     ServeConfig,
@@ -284,6 +285,14 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     )
     add_option(
         p,
+        "--event-loop",
+        "the event loop of every server process: uvloop (libuv's, faster) or asyncio (the "
+        "standard library's)",
+        default="uvloop",
+        choices=EVENT_LOOPS,
+    )
+    add_option(
+        p,
         "--log-requests",
         "also log one line per answered request (model, version, api, method, code, images, "
         "duration); off, the request path does no logging work",
@@ -386,12 +395,12 @@ def run_serve(args: argparse.Namespace) -> int:
         from service.server import serve  # noqa: PLC0415
 
         configure(config.log_level, fmt=config.log_format)
-        asyncio.run(serve(config))
+        loops.run(serve(config), config.event_loop)
     else:
         from service.supervisor import supervise  # noqa: PLC0415
 
         configure(config.log_level, "supervisor", config.log_format)
-        asyncio.run(supervise(config))
+        loops.run(supervise(config), config.event_loop)
     return 0
 
 

@@ -16,6 +16,7 @@ from service.repository import VersionPolicy
 DEVICES = ("auto", "cuda", "cpu")
 # Triton's names: poll the repository (load what appears, unload what goes), load only what
 # --load-model and RepositoryModelLoad name, or load everything once and change nothing.
+EVENT_LOOPS = ("uvloop", "asyncio")  # --event-loop
 CONTROL_MODES = ("poll", "explicit", "none")
 MiB = 1024 * 1024
 # MAX_IMAGE_PIXELS (16 MP, the image policy's default, training's too): decoding one image
@@ -61,11 +62,13 @@ class ServeConfig:
     log_level: str = "INFO"
     log_format: str = "text"  # or json: one object per line
     log_requests: bool = False  # one log line per answered request
+    event_loop: str = "uvloop"  # EVENT_LOOPS: every server process's
 
     def __post_init__(self) -> None:
         checks = [
             (self.device in DEVICES, f"--device must be one of {', '.join(DEVICES)}"),
             (self.log_format in ("text", "json"), "--log-format must be text or json"),
+            (self.event_loop in EVENT_LOOPS, "--event-loop must be uvloop or asyncio"),
             (0 <= self.frontends <= 256, "--frontends must be 0-256 (0: a single process)"),
             (self.frontend_shm_mib >= 1, "--frontend-shm-mib must be at least 1"),
             (0 <= self.grpc_port <= 65535, "--grpc-port must be 0-65535 (0: pick a free port)"),

@@ -300,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     config = ServeConfig.from_json(args.config)
     configure_logging(config.log_level, "engine", config.log_format)
-    return child_main(lambda: serve(args), args.link_fd)
+    return child_main(lambda: serve(args), args.link_fd, config.event_loop)
 
 
 if __name__ == "__main__":

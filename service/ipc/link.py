@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from pathlib import Path
 from typing import Any
 
+from service import loops
 from service.errors import ServingError
 
 
@@ -101,12 +102,12 @@ async def serve_child(
         await stop()
 
 
-def child_main(run: Callable[[], Coroutine[Any, Any, None]], link_fd: int) -> int:
-    """Run a child's event loop; a ServingError while starting goes to the supervisor, which
-    prints it as the server's one-line error. Ctrl-C is the supervisor's to handle."""
+def child_main(run: Callable[[], Coroutine[Any, Any, None]], link_fd: int, event_loop: str) -> int:
+    """Run a child's event loop (--event-loop); a ServingError while starting goes to the
+    supervisor, which prints it as the server's one-line error. Ctrl-C is the supervisor's."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
-        asyncio.run(run())
+        loops.run(run(), event_loop)
     except ServingError as exc:
         ChildLink(link_fd).failed(str(exc))
         return 2

@@ -29,7 +29,7 @@ from starlette.responses import Response
 
 from service.core import Core
 from service.errors import InvalidInput, ServingError, shorten
-from service.rest import v2_json
+from service.rest import v2_direct, v2_json
 from service.rest.calls import NO_TOKEN, Headers, HttpCalls
 from service.rest.status import error_response, json_response
 from service.servicers import inference, v2_codec
@@ -241,12 +241,24 @@ async def infer(
     text, binary = v2_json.split_body(body, headers.get(v2_json.HEADER_LENGTH))
     budget = v2_json.max_values(model.spec, engine.config.max_queue_size)
     document = v2_json.parse_json(text, budget, model.where)
+    deadline = _deadline(document)
+    common = v2_direct.common_request(document, binary, model.spec)
+    if common is not None:  # nearly every request: no protobuf
+        call.images = len(common.images)
+        outputs = await engine.infer(model, common.images, deadline)
+        content, response_headers = v2_direct.response(common, model.spec, outputs)
+        return content, 200, response_headers
     message, binary_default = v2_json.infer_request(document, binary, name, version, model.spec)
-    # Triton's request timeout, in microseconds (tritonclient.http's `timeout`)
-    timeout_us = document.get("parameters", {}).get("timeout")
-    deadline = None
-    if type(timeout_us) is int and timeout_us > 0:
-        deadline = time.monotonic() + timeout_us / 1e6
     answer = await inference.infer(engine, message, call, deadline)
     content, response_headers = v2_json.infer_response(answer, message, binary_default)
     return content, 200, response_headers
+
+
+def _deadline(document: dict[str, Any]) -> float | None:
+    """Triton's request timeout, in microseconds (tritonclient.http's `timeout`), as a
+    time.monotonic() deadline."""
+    parameters = document.get("parameters")
+    timeout_us = parameters.get("timeout") if type(parameters) is dict else None
+    if type(timeout_us) is int and timeout_us > 0:
+        return time.monotonic() + timeout_us / 1e6
+    return None

@@ -143,12 +143,13 @@ def _input(
     if tensor.datatype == "BYTES":
         tensor.contents.bytes_contents.extend(_files(data, where))
     elif tensor.datatype == "UINT8":
-        request.raw_input_contents.append(_pixels(data, where))
+        request.raw_input_contents.append(pixels(data, where))
     # other datatypes: refused with the gRPC service's message (v2_codec.image_tensor)
     return 0
 
 
-def _pixels(data: object, where: str) -> bytes:
+def pixels(data: object, where: str) -> bytes:
+    """JSON UINT8 data (a flat or nested array of 0-255) as bytes, in row-major order."""
     try:
         values = np.asarray(data)
     except ValueError:
