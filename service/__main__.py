@@ -119,7 +119,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
     add_option(
         p,
         "--intra-op-threads",
-        "onnxruntime threads per inference; 0: one per core",
+        "onnxruntime threads per inference; 0: automatic (one for a model small enough that "
+        "every batch runs on the event loop, else one per core)",
         type=int,
         default=0,
     )

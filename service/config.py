@@ -36,7 +36,7 @@ class ServeConfig:
     max_batch_size: int = 64
     max_queue_delay_ms: float = 2.0
     max_queue_size: int = 1024  # images waiting per model version
-    intra_op_threads: int = 0  # 0: onnxruntime's default (one per physical core)
+    intra_op_threads: int = 0  # 0: 1 for a model whose batches all run inline, else one per core
     poll_interval_s: float = 5.0  # 0: load the repository once, never poll
     model_control_mode: str = "poll"  # CONTROL_MODES
     load_models: tuple[str, ...] = ()  # explicit mode: loaded at start ("*": every model)

@@ -78,6 +78,11 @@ class Session:
         self._device = "cuda" if self.on_cuda else "cpu"
         self._binding = threading.local() if use_binding else None
         self.max_batch_s = float("inf")  # seconds for the largest batch, measured by warm_up
+        self.threads = (  # for the log
+            f"{intra_op_threads} onnxruntime thread{'s' if intra_op_threads > 1 else ''}"
+            if intra_op_threads
+            else "onnxruntime's default threads"
+        )
 
     @property
     def provider(self) -> str:
@@ -164,15 +169,16 @@ class Runtime:
             return [CPU]
         return [CUDA, CPU]
 
-    def session(self, spec: ModelSpec) -> Session:
-        """A session for `spec`; raises ModelLoadError (and ConfigError for `--device cuda`
-        without a working CUDA provider)."""
+    def session(self, spec: ModelSpec, intra_op_threads: int | None = None) -> Session:
+        """A session for `spec` (on `intra_op_threads`, else the configured number); raises
+        ModelLoadError (and ConfigError for `--device cuda` without a working CUDA provider)."""
+        threads = self.intra_op_threads if intra_op_threads is None else intra_op_threads
         with self._lock:  # the first session decides whether CUDA works
             if self._cuda_works is None:  # the probe: our own line says how it went
                 with quiet_provider_bridge():
-                    session = Session(spec, self.providers(), self.intra_op_threads)
+                    session = Session(spec, self.providers(), threads)
             else:
-                session = Session(spec, self.providers(), self.intra_op_threads)
+                session = Session(spec, self.providers(), threads)
             if self.device != "cpu" and not session.on_cuda:
                 if self.device == "cuda":
                     raise ConfigError(

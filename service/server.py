@@ -21,6 +21,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from service import loops
 from service._proto.classifier.v1 import classifier_pb2, classifier_pb2_grpc
 from service._proto.inference import grpc_predict_v2_pb2, grpc_predict_v2_pb2_grpc
 from service.config import ServeConfig, server_options
@@ -359,6 +360,7 @@ async def serve(config: ServeConfig) -> None:
         await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
         if starting.done():
             starting.result()  # a startup error (bad port, --device cuda without CUDA) raises
+            loops.freeze_startup_objects()
             await stopping
         else:  # a signal while models load: stop loading, exit cleanly
             log.info("signal received while loading; stopping")

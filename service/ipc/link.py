@@ -95,7 +95,9 @@ async def serve_child(
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             return
-        link.ready(**starting.result())
+        info = starting.result()
+        loops.freeze_startup_objects()
+        link.ready(**info)
         await waiting
     finally:
         waiting.cancel()

@@ -19,6 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.rest import v2
 from service.rest.calls import HttpCalls
+from service.rest.protocol import arrival
 from service.servicers.calls import Call
 
 __all__ = ["App", "FastInfer", "infer_target"]
@@ -55,10 +56,10 @@ class FastInfer:
         headers: dict[str, str] = {}
         for key, value in scope["headers"]:
             headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
-        stream = _body(receive)
+        stream, arrived = _body(receive), arrival(scope)
 
         def work(call: Call) -> Awaitable[tuple[bytes, int, dict[str, str]]]:
-            return v2.infer(self.http, headers, stream, name, version, call)
+            return v2.infer(self.http, headers, stream, arrived, name, version, call)
 
         answer = await self.http.handle(headers, v2.API, "ModelInfer", work)
         if isinstance(answer, Response):  # an error

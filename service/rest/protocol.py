@@ -33,6 +33,24 @@ TIMEOUT_408 = (
 )
 
 
+ARRIVAL = "cnn_serving.arrival"  # the scope's key for the request's Arrival
+
+
+class Arrival:
+    """Whether all of a request (head and body) has arrived; a handler reads a body that has
+    arrived without arming a timer for it."""
+
+    __slots__ = ("complete",)
+
+    def __init__(self) -> None:
+        self.complete = False
+
+
+def arrival(scope: Any) -> Arrival | None:
+    """The request's Arrival, where GuardedHttpTools serves it (else None: read with a timer)."""
+    return scope.get(ARRIVAL)  # type: ignore[no-any-return]
+
+
 class HeadTooLarge(Exception):
     """Raised inside a parser callback: httptools turns it into a parser error (400, closed)."""
 
@@ -46,6 +64,7 @@ class GuardedHttpTools(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _lingering = False
     _in_message = False  # a request has begun and not all of it has arrived
+    _arrival: Arrival | None = None  # the current request's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -78,10 +97,13 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._disarm()
+        self._arrival = self.scope[ARRIVAL] = Arrival()  # type: ignore[literal-required]
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
         self._in_message = False
+        if self._arrival is not None:
+            self._arrival.complete = True
         super().on_message_complete()
 
     def connection_lost(self, exc: Exception | None) -> None:

@@ -32,6 +32,7 @@ from service.predictions import DEFAULT_TOP_K, Prediction
 from service.repository import parse_version
 from service.rest import v2_json
 from service.rest.calls import HttpCalls, byte_count
+from service.rest.protocol import arrival
 from service.rest.status import UnsupportedMediaType, json_response
 from service.servicers.calls import Call
 
@@ -177,14 +178,14 @@ async def _images(http: HttpCalls, request: Request, model: Model) -> Images:
     kind = (request.headers.get("content-type") or "").split(";", 1)[0].strip().lower()
     if request.headers.get("content-encoding", "identity").lower() != "identity":
         raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
-    if kind.startswith("image/") or kind == v2_json.BINARY:
-        return [await http.body(request.headers, request.stream())], [""], None
-    if kind == "multipart/form-data":
-        body = await http.body(request.headers, request.stream())
+    image = kind.startswith("image/") or kind == v2_json.BINARY
+    if image or kind in ("multipart/form-data", "application/json"):
+        body = await http.body(request.headers, request.stream(), arrival=arrival(request.scope))
+        if image:
+            return [body], [""], None
+        if kind == "application/json":
+            return _json_images(body, limit, model.where)
         return await _form_images(request, body, limit)
-    if kind == "application/json":
-        body = await http.body(request.headers, request.stream())
-        return _json_images(body, limit, model.where)
     raise UnsupportedMediaType(
         f"Content-Type {shorten(kind or 'none', 60)!r}: send an image (Content-Type: image/png, "
         "image/jpeg, ...), a multipart form of files (curl -F image=@FILE) or JSON "

@@ -1,4 +1,4 @@
-"""The in-process engine: what an unloaded version leaves behind."""
+"""The in-process engine: what an unloaded version leaves behind; its onnxruntime threads."""
 
 from __future__ import annotations
 
@@ -6,14 +6,17 @@ import asyncio
 import gc
 import shutil
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 from prometheus_client.exposition import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from service.config import ServeConfig
 from service.engine import Engine
+from service.engine import core as engine_core
 from tests.conftest import MODEL
 
 
@@ -51,3 +54,32 @@ def test_an_unloaded_version_is_collected_and_its_gauges_are_gone(private_repo: 
                    "cnn_serving_requests", "cnn_serving_request_duration_seconds"}  # fmt: skip
     assert per_version <= versions.keys()
     assert all(seen == {"2"} for seen in versions.values()), versions
+
+
+@pytest.mark.parametrize(
+    ("configured", "inline_below_s", "expected"),
+    [
+        (0, 1.0, "1 onnxruntime thread"),  # a small net: every batch on the event loop
+        (0, 0.0, "onnxruntime's default threads"),  # batches in a thread: they use the cores
+        (2, 1.0, "2 onnxruntime threads"),  # a number given is kept
+    ],
+)
+def test_automatic_threads_are_one_for_a_model_run_on_the_event_loop(
+    private_repo: Path, monkeypatch, configured: int, inline_below_s: float, expected: str
+) -> None:
+    monkeypatch.setattr(engine_core, "INLINE_BELOW_S", inline_below_s)
+
+    async def scenario() -> tuple[str, int, dict[str, np.ndarray]]:
+        config = ServeConfig(private_repo, device="cpu", poll_interval_s=0)
+        engine = Engine(replace(config, intra_op_threads=configured))
+        await engine.start()
+        model = engine.model(MODEL)
+        outputs = await engine.run(model, np.zeros((3, 28, 28, 1), np.uint8), None)
+        await engine.stop()
+        return model.session.threads, model.batcher.inline_up_to, outputs
+
+    threads, inline_up_to, outputs = asyncio.run(scenario())
+    assert threads == expected
+    assert (inline_up_to >= 64) == (inline_below_s > 0)
+    assert outputs["probabilities"].shape == (3, 10)
+    np.testing.assert_allclose(outputs["probabilities"].sum(axis=1), 1, rtol=1e-5)
