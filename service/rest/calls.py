@@ -19,7 +19,7 @@ from starlette.responses import Response
 
 from service.config import MiB
 from service.errors import Code, InvalidInput, ServingError, Unauthenticated
-from service.rest.protocol import Arrival
+from service.rest.protocol import Exchange
 from service.rest.status import (
     BodiesBusy,
     BodyTimeout,
@@ -108,14 +108,14 @@ class HttpCalls:
         headers: Headers,
         stream: AsyncIterator[bytes],
         small: int | None = None,
-        arrival: Arrival | None = None,
+        exchange: Exchange | None = None,
     ) -> bytes:
         """The whole body (inside `handle`), refused with 413 past --max-message-bytes (or
         `small` bytes, a route's own lower limit) without reading further, 408 when it takes
         longer than --http-body-timeout-s to arrive (a slow-loris client), 429 when the bodies
         this process holds would pass --http-body-budget-mib. The bytes count against that
-        budget until the request ends. A body whose `arrival` is complete is read without a
-        timer (nearly every small request arrives whole before its handler starts)."""
+        budget until the request ends. A body that has arrived whole (`exchange.complete`) is read
+        without a timer (nearly every small request arrives whole before its handler starts)."""
         limit = self.max_body_bytes if small is None else min(small, self.max_body_bytes)
         why = "--max-message-bytes" if limit == self.max_body_bytes else "for this request"
         declared = headers.get("content-length")
@@ -128,7 +128,7 @@ class HttpCalls:
             self._hold(length)
         chunks: list[bytes] = []
         try:
-            if arrival is not None and arrival.complete:
+            if exchange is not None and exchange.complete:
                 await self._read(stream, chunks, limit, why, declared is None)
             else:
                 async with asyncio.timeout(self.body_timeout_s):

@@ -19,7 +19,7 @@ from starlette.types import Receive, Scope, Send
 
 from service.rest import v2
 from service.rest.calls import HttpCalls
-from service.rest.protocol import arrival
+from service.rest.protocol import exchange_of
 from service.servicers.calls import Call
 
 __all__ = ["App", "FastInfer", "infer_target"]
@@ -53,13 +53,11 @@ class FastInfer:
         name, version = found
         # uvicorn gives lower-case names; a repeated header keeps its first value, as
         # Starlette's Headers.get (the FastAPI route) reads it
-        headers: dict[str, str] = {}
-        for key, value in scope["headers"]:
-            headers.setdefault(key.decode("latin-1"), value.decode("latin-1"))
-        stream, arrived = _body(receive), arrival(scope)
+        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in reversed(scope["headers"])}
+        stream, exchange = _body(receive), exchange_of(scope)
 
         def work(call: Call) -> Awaitable[tuple[bytes, int, dict[str, str]]]:
-            return v2.infer(self.http, headers, stream, arrived, name, version, call)
+            return v2.infer(self.http, headers, stream, exchange, name, version, call)
 
         answer = await self.http.handle(headers, v2.API, "ModelInfer", work)
         if isinstance(answer, Response):  # an error
@@ -68,7 +66,11 @@ class FastInfer:
         content, status, extra = answer  # sent as is: no Response object on the hot path
         head = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in extra.items()]
         head.append((b"content-length", str(len(content)).encode()))
+        if exchange is not None:  # the head waits for the body: one write for both
+            exchange.one_write = True
         await send({"type": "http.response.start", "status": status, "headers": head})
+        if exchange is not None:
+            exchange.one_write = False  # (already, unless the client has gone)
         await send({"type": "http.response.body", "body": content})
 
 

@@ -32,7 +32,7 @@ from service.predictions import DEFAULT_TOP_K, Prediction
 from service.repository import parse_version
 from service.rest import v2_json
 from service.rest.calls import HttpCalls, byte_count
-from service.rest.protocol import arrival
+from service.rest.protocol import exchange_of
 from service.rest.status import UnsupportedMediaType, json_response
 from service.servicers.calls import Call
 
@@ -180,7 +180,8 @@ async def _images(http: HttpCalls, request: Request, model: Model) -> Images:
         raise UnsupportedMediaType("Content-Encoding is not supported; send the body uncompressed")
     image = kind.startswith("image/") or kind == v2_json.BINARY
     if image or kind in ("multipart/form-data", "application/json"):
-        body = await http.body(request.headers, request.stream(), arrival=arrival(request.scope))
+        exchange = exchange_of(request.scope)
+        body = await http.body(request.headers, request.stream(), exchange=exchange)
         if image:
             return [body], [""], None
         if kind == "application/json":

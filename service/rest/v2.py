@@ -31,7 +31,7 @@ from service.core import Core
 from service.errors import InvalidInput, ServingError, shorten
 from service.rest import v2_direct, v2_json
 from service.rest.calls import NO_TOKEN, Headers, HttpCalls
-from service.rest.protocol import Arrival, arrival
+from service.rest.protocol import Exchange, exchange_of
 from service.rest.status import error_response, json_response
 from service.servicers import inference, v2_codec
 from service.servicers.calls import Call
@@ -152,8 +152,8 @@ def router(http: HttpCalls) -> APIRouter:
             answers when the fast path is not in front.)"""
 
             async def work(call: Call) -> Response:
-                stream, arrived = request.stream(), arrival(request.scope)
-                answer = await infer(http, request.headers, stream, arrived, name, version, call)
+                stream, exchange = request.stream(), exchange_of(request.scope)
+                answer = await infer(http, request.headers, stream, exchange, name, version, call)
                 return Response(*answer)
 
             return await http.handle(request.headers, API, "ModelInfer", work)
@@ -213,7 +213,7 @@ def _control_route(
 async def _control_body(http: HttpCalls, request: Request, what: str) -> dict[str, Any]:
     """The small JSON object of a repository request (none: {})."""
     body = await http.body(
-        request.headers, request.stream(), CONTROL_BODY_BYTES, arrival(request.scope)
+        request.headers, request.stream(), CONTROL_BODY_BYTES, exchange_of(request.scope)
     )
     if not body.strip():
         return {}
@@ -231,7 +231,7 @@ async def infer(
     http: HttpCalls,
     headers: Headers,
     stream: AsyncIterator[bytes],
-    arrival: Arrival | None,
+    exchange: Exchange | None,
     name: str,
     version: str,
     call: Call,
@@ -241,7 +241,7 @@ async def infer(
     engine = http.engine
     v2_json.check_content(headers.get("content-type"), headers.get("content-encoding"))
     model = inference.resolve(engine, name, version, call)  # before reading the body
-    body = await http.body(headers, stream, arrival=arrival)
+    body = await http.body(headers, stream, exchange=exchange)
     body = v2_json.decompress(body, headers.get("content-encoding"), http.max_body_bytes)
     text, binary = v2_json.split_body(body, headers.get(v2_json.HEADER_LENGTH))
     budget = v2_json.max_values(model.spec, engine.config.max_queue_size)
