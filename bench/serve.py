@@ -40,7 +40,10 @@ process tree over the images its cnn_serving_batch_size histogram counted in tha
 keep-alive connections) with binary tensors and with JSON bodies at single-64 and batch32-8,
 and gRPC against the same server for comparison; the HTTP ceiling is a bare ASGI app on the
 same uvicorn (httptools) that reads each body and answers a canned reply of the right size.
-Server CPU is per image over warm-up + window, of the server's whole process tree.
+Server CPU is per image over warm-up + window, of the server's whole process tree. Each of
+--rounds rounds runs the ceiling and every server back to back; a table row is the target's
+median round, and its ratio the median of its per-round ratios (range in brackets), since
+windows minutes apart on this shared VM differ by up to a third.
 
 --frontends 0,2 starts one server per value with `--frontends N` on its command line (0: the
 single process; N >= 1: N front-end processes and one engine process, children of the serve
@@ -124,6 +127,9 @@ OPTIONS = (  # flag, default (shown by --help), type, help
     ("--protocol", "grpc", str, "grpc: today's tables; http: V2 REST with binary tensors and "
      "with JSON at single-64 and batch32-8, beside gRPC, against a bare ASGI app on the same "
      "uvicorn (the HTTP transport ceiling); both: the two (--load python only)"),
+    ("--rounds", 3, int, "--protocol http|both: every HTTP and gRPC run this many times, each "
+     "round the ceiling and the servers back to back; tables give the median round and the "
+     "ratio's range"),
     ("--json", None, Path, "also write every number to this file as JSON; none: do not"),
     ("--profile-dir", None, Path, "run each server under cProfile into DIR/MODEL.prof (slows "
      "it); none: no profile"),
@@ -877,6 +883,7 @@ def report(args: argparse.Namespace, results: dict[str, dict]) -> dict:
 
 @dataclass
 class HttpRow:
+    round: int  # from 0 (--rounds)
     target: str  # "ceiling" (the bare ASGI app), "server" or "server --frontends N"
     protocol: str  # http or grpc
     encoding: str  # binary, json (HTTP) or raw (gRPC)
@@ -889,13 +896,13 @@ class HttpRow:
     errors: dict[str, int]
 
 
-def _http_row(target: str, protocol: str, encoding: str, scenario: str, result: dict,
-              cpu_s: float, duration_s: float) -> HttpRow:  # fmt: skip
+def _http_row(round_: int, target: str, protocol: str, encoding: str, scenario: str,
+              result: dict, cpu_s: float, duration_s: float) -> HttpRow:  # fmt: skip
     latencies = np.asarray(result["latencies_ms"] or [np.nan])
     rate = result["images"] / duration_s
     images = rate * (duration_s + WARMUP_S)
     return HttpRow(
-        target, protocol, encoding, scenario, rate,
+        round_, target, protocol, encoding, scenario, rate,
         float(np.percentile(latencies, 50)), float(np.percentile(latencies, 99)),
         cpu_s / images * 1000 if images and cpu_s else None,
         result["client_cpu"], result["errors"],
@@ -914,23 +921,23 @@ def bench_http(
     pixels = load_pixels(spec)
     rows: list[HttpRow] = []
 
-    def http_run(name: str, url: str, pid: int, scenario: str, encoding: str) -> None:
+    def http_run(name: str, url: str, pid: int, scenario: str, encoding: str, r: int) -> None:
         clients, batch = CLOSED[scenario]
         load = http_load.HttpLoad(url, spec.name, spec.input_name, clients, batch, encoding,
                                   args.duration_s)  # fmt: skip
         before = tree_cpu_s(pid)
         result = pool.submit(http_load.client_run, load, pixels).result()
         cpu = cpu_delta_s(before, tree_cpu_s(pid))
-        rows.append(_http_row(name, "http", encoding, scenario, result, cpu, args.duration_s))
+        rows.append(_http_row(r, name, "http", encoding, scenario, result, cpu, args.duration_s))
 
-    def grpc_run(name: str, server: ModelServer, scenario: str) -> None:
+    def grpc_run(name: str, server: ModelServer, scenario: str, r: int) -> None:
         clients, batch = CLOSED[scenario]
         load = Load(server.target, spec.name, spec.input_name, clients, batch, 0.0,
                     args.duration_s, None)  # fmt: skip
         before = tree_cpu_s(server.process.pid)
         result = pool.submit(client_run, load, pixels).result()
         cpu = cpu_delta_s(before, tree_cpu_s(server.process.pid))
-        rows.append(_http_row(name, "grpc", "raw", scenario, result, cpu, args.duration_s))
+        rows.append(_http_row(r, name, "grpc", "raw", scenario, result, cpu, args.duration_s))
 
     # Every target is up at once and measured back to back, scenario by scenario, so that a
     # ratio compares runs minutes apart at most (this shared VM drifts by tens of percent).
@@ -944,14 +951,15 @@ def bench_http(
         for n in frontends:
             name = "server" if n is None else f"server --frontends {n}"
             servers.append((name, ModelServer(repo, spec, args, n)))
-        for scenario in HTTP_SCENARIOS:
-            for encoding in http_load.ENCODINGS:
-                http_run("ceiling", bare_url, bare.pid or 0, scenario, encoding)
+        for scenario in [s for s in HTTP_SCENARIOS if s in args.scenarios]:
+            for r in range(args.rounds):
+                for encoding in http_load.ENCODINGS:
+                    http_run("ceiling", bare_url, bare.pid or 0, scenario, encoding, r)
+                    for name, server in servers:
+                        url = f"http://127.0.0.1:{server.http_port}"
+                        http_run(name, url, server.process.pid, scenario, encoding, r)
                 for name, server in servers:
-                    url = f"http://127.0.0.1:{server.http_port}"
-                    http_run(name, url, server.process.pid, scenario, encoding)
-            for name, server in servers:
-                grpc_run(name, server, scenario)
+                    grpc_run(name, server, scenario, r)
     finally:
         for _, server in servers:
             server.stop()
@@ -967,30 +975,46 @@ HTTP_HEAD = (
 
 
 def http_report(results: dict[str, list[HttpRow]]) -> dict:
-    """Print one table per model; the target: binary REST at 64 clients >= 0.7x the ceiling."""
+    """Print one table per model, a row per target: its median round, and the median and range
+    of its per-round ratios to the ceiling; the target: binary REST at 64 clients >= 0.7x."""
     numbers = {}
     for model, rows in results.items():
-        ceiling = {(r.encoding, r.scenario): r.images_per_s for r in rows if r.target == "ceiling"}
+        ceiling = {(r.round, r.encoding, r.scenario): r.images_per_s
+                   for r in rows if r.target == "ceiling"}  # fmt: skip
+        groups: dict[tuple[str, str, str, str], list[HttpRow]] = {}
+        for r in rows:
+            groups.setdefault((r.scenario, r.target, r.protocol, r.encoding), []).append(r)
         lines = [f"\n#### {model}: HTTP (V2 REST) beside gRPC\n", f"| {HTTP_HEAD} |",
                  "|" + "---|" * len(HTTP_HEAD.split("|"))]  # fmt: skip
-        for r in rows:
-            top = ceiling.get((r.encoding, r.scenario))
-            ratio = _ratio(r.images_per_s, top) if r.target != "ceiling" and top else "-"
+        targets = []
+        for (scenario, target, protocol, encoding), group in groups.items():
+            r = sorted(group, key=lambda row: row.images_per_s)[(len(group) - 1) // 2]
+            ratios = sorted(
+                row.images_per_s / top
+                for row in group
+                if (top := ceiling.get((row.round, encoding, scenario))) and target != "ceiling"
+            )
+            ratio = "-"
+            if ratios:
+                middle = float(np.median(ratios))
+                ratio = f"{middle:.2f}x" + (
+                    f" ({ratios[0]:.2f}-{ratios[-1]:.2f})" if len(ratios) > 1 else ""
+                )
+                if (protocol, encoding, scenario) == ("http", "binary", "single-64"):
+                    targets.append((target, middle, ratio))
             lines.append(
                 f"| {r.target} | {r.protocol} | {r.encoding} | {r.scenario} | "
                 f"{r.images_per_s:,.0f} | {r.p50_ms:.2f} | {r.p99_ms:.2f} | "
                 f"{_num(r.server_cpu_ms, 3)} | {ratio} | {r.client_cpu:.2f} | "
                 f"{sum(r.errors.values()) or ''} |"
             )
-        top = ceiling.get(("binary", "single-64"))
-        for r in rows:
-            key = (r.protocol, r.encoding, r.scenario)
-            if r.target != "ceiling" and key == ("http", "binary", "single-64") and top:
-                met = "met" if r.images_per_s >= 0.7 * top else "NOT met"
-                lines.append(
-                    f"\ntarget ({r.target}): binary REST at 64 clients >= 0.7x the bare ASGI "
-                    f"app: {r.images_per_s / top:.2f}x, {met}"
-                )
+        rounds = len({r.round for r in rows})
+        for target, middle, ratio in targets:
+            met = "met" if middle >= 0.7 else "NOT met"
+            lines.append(
+                f"\ntarget ({target}): binary REST at 64 clients >= 0.7x the bare ASGI app "
+                f"(median of {rounds} round{'s' if rounds > 1 else ''}): {ratio}, {met}"
+            )
         print("\n".join(lines), flush=True)
         numbers[model] = [asdict(r) for r in rows]
     return numbers
@@ -1028,6 +1052,8 @@ def check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> argparse
         p.error(f"unknown model, scenario or device: {', '.join(sorted(unknown))}")
     if args.protocol not in PROTOCOLS:
         p.error(f"--protocol: one of {', '.join(PROTOCOLS)}, not {args.protocol!r}")
+    if args.rounds < 1:
+        p.error("--rounds: at least 1")
     if args.protocol != "grpc" and args.load != "python":
         p.error("--protocol http|both runs with --load python")
     if args.load == "perf-analyzer" and OPEN in args.scenarios:

@@ -128,7 +128,7 @@ class HttpCalls:
             self._hold(length)
         chunks: list[bytes] = []
         try:
-            if exchange is not None and exchange.complete:
+            if exchange is not None and exchange.complete:  # nothing to wait for
                 await self._read(stream, chunks, limit, why, declared is None)
             else:
                 async with asyncio.timeout(self.body_timeout_s):

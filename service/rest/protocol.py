@@ -67,6 +67,8 @@ class GuardedHttpTools(HttpToolsProtocol):
     _head_timer: asyncio.TimerHandle | None = None
     _lingering = False
     _in_message = False  # a request has begun and not all of it has arrived
+    _in_head = False  # ... and not all of its head
+    _head_began = 0.0  # loop.time() when it began
     _exchange: Exchange | None = None  # the current request's
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
@@ -75,8 +77,12 @@ class GuardedHttpTools(HttpToolsProtocol):
         self.transport = Lingering(transport, self)  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
-        if not self._lingering:  # else: the rest of an answered request, dropped
-            super().data_received(data)
+        if self._lingering:  # the rest of an answered request, dropped
+            return
+        super().data_received(data)
+        if self._in_head and self._head_timer is None:  # a head still to come: time it
+            deadline = self._head_began + self.head_timeout_s
+            self._head_timer = self.loop.call_at(deadline, self._head_timeout)
 
     def eof_received(self) -> None:
         if self._lingering:
@@ -85,10 +91,12 @@ class GuardedHttpTools(HttpToolsProtocol):
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
-        self._in_message = True
+        self._in_message = self._in_head = True
         self._head_bytes = 0
         self._disarm()
-        self._head_timer = self.loop.call_later(self.head_timeout_s, self._head_timeout)
+        # the head's timer is armed only if the head is not whole at the end of the data
+        # that began it (data_received): nearly every head arrives in one piece
+        self._head_began = self.loop.time()
 
     def on_url(self, url: bytes) -> None:
         self._count(len(url))
@@ -99,6 +107,7 @@ class GuardedHttpTools(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        self._in_head = False
         self._disarm()
         self._exchange = self.scope[EXCHANGE] = Exchange()  # type: ignore[literal-required]
         super().on_headers_complete()
