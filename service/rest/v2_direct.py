@@ -27,6 +27,9 @@ from service.rest.v2_json import BINARY, HEADER_LENGTH, pixels
 from service.servicers.v2_codec import MAX_PARAMETERS
 
 INT64 = (-(2**63), 2**63)
+# The JSON parts of all-binary answers, by model version and output shapes (a batch size each).
+_HEADS: dict[tuple[str, int, tuple[tuple[str, tuple[int, ...]], ...]], bytes] = {}
+MAX_HEADS = 4096
 
 
 @dataclass(frozen=True)
@@ -84,15 +87,29 @@ def response(
     request: Common, spec: ModelSpec, outputs: dict[str, np.ndarray]
 ) -> tuple[bytes, dict[str, str]]:
     """The REST body of the answer (JSON, then the binary outputs) and its headers."""
+    values = [
+        (name, binary, np.ascontiguousarray(outputs[name], dtype="<f4"))
+        for name, binary in request.outputs
+    ]
+    if request.id or not all(binary for _, binary, _ in values):
+        head = _head(spec, request.id, values)
+    else:  # the JSON of an all-binary answer depends on the shapes alone: made once
+        key = (spec.name, spec.version, tuple((name, value.shape) for name, _, value in values))
+        head = _HEADS.get(key) or _HEADS.setdefault(key, _head(spec, "", values))
+        if len(_HEADS) > MAX_HEADS:
+            _HEADS.clear()
+    chunks = [value.tobytes() for _, binary, value in values if binary]
+    if not chunks:
+        return head, {"content-type": "application/json"}
+    return b"".join([head, *chunks]), {"content-type": BINARY, HEADER_LENGTH: str(len(head))}
+
+
+def _head(spec: ModelSpec, id_: str, values: list[tuple[str, bool, np.ndarray]]) -> bytes:
     described = []
-    chunks = []
-    for name, binary in request.outputs:
-        value = np.ascontiguousarray(outputs[name], dtype="<f4")
+    for name, binary, value in values:
         output: dict[str, Any] = {"name": name, "datatype": "FP32", "shape": list(value.shape)}
         if binary:
-            raw = value.tobytes()
-            output["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
+            output["parameters"] = {"binary_data_size": value.nbytes}
         else:
             output["data"] = value.ravel().tolist()
         described.append(output)
@@ -101,12 +118,9 @@ def response(
         "model_version": str(spec.version),
         "outputs": described,
     }
-    if request.id:
-        document["id"] = request.id
-    head = orjson.dumps(document)
-    if not chunks:
-        return head, {"content-type": "application/json"}
-    return b"".join([head, *chunks]), {"content-type": BINARY, HEADER_LENGTH: str(len(head))}
+    if id_:
+        document["id"] = id_
+    return orjson.dumps(document)
 
 
 def _outputs(requested: object, binary_default: bool) -> tuple[tuple[str, bool], ...] | None:
