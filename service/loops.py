@@ -1,8 +1,8 @@
 """The event loop a server process runs on (`--event-loop`), and its garbage collector.
 
-uvloop (libuv's loop, the one uvicorn's standard install picks) by default: measured with
-`bench/serve.py --protocol http` on 2 cores, the loop's own work (callbacks, timers, socket
-writes) was a fifth of the single-process server's time on asyncio's pure-Python loop.
+uvloop (libuv's loop, the one uvicorn's standard install picks) by default: profiled with
+py-spy under bench/serve.py --protocol http on 2 cores, the loop's own work (callbacks, timers,
+socket writes) was about a sixth of the single-process server's time on asyncio's.
 `asyncio` keeps the standard library's loop, for a platform or a debugger that needs it.
 """
 
