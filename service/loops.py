@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import logging
 from collections.abc import Coroutine
 from typing import Any, TypeVar
 
+log = logging.getLogger(__name__)
 Result = TypeVar("Result")
 YOUNG_OBJECTS = 10_000  # the collector's first threshold in a started server (Python's: 700)
 
 
 def run(main: Coroutine[Any, Any, Result], kind: str) -> Result:
-    """`asyncio.run(main)` on the loop `kind` names (service.config.EVENT_LOOPS)."""
+    """`asyncio.run(main)` on the loop `kind` names (service.config.EVENT_LOOPS), logged."""
+    log.info("event loop: %s", kind)
     if kind == "asyncio":
         return asyncio.run(main)
     import uvloop  # noqa: PLC0415 - only the servers need it

@@ -677,3 +677,34 @@ def test_http_connections_have_nagle_off():
             await server.wait_closed()
 
     assert asyncio.run(check()) != 0
+
+
+def test_both_event_loops_serve_alike(server: Served, repository: Path, sample_images):
+    images = sample_images[0][:3]
+    expected = reference(repository, images)["probabilities"]
+    standard = start_server(repository, env={"CNN_SERVING_EVENT_LOOP": "asyncio"})
+    try:
+        for served, loop in ((server, "uvloop"), (standard, "asyncio")):
+            served.log.wait_for(f"event loop: {loop}", 5)  # every process says which
+            assert f"event loop: {'asyncio' if loop == 'uvloop' else 'uvloop'}" not in (
+                served.log.text
+            )
+            body = json.dumps(
+                {"inputs": [{"name": "images", "datatype": "UINT8", "shape": list(images.shape),
+                             "data": images.ravel().tolist()}]}
+            ).encode()  # fmt: skip
+            status, _, answer = call(served, "POST", INFER, body)
+            assert status == 200, answer
+            outputs = {o["name"]: o["data"] for o in json.loads(answer)["outputs"]}
+            np.testing.assert_allclose(
+                np.reshape(outputs["probabilities"], (3, -1)), expected, atol=1e-5
+            )
+            over_grpc = grpc_infer(served, images)
+            np.testing.assert_allclose(
+                np.frombuffer(over_grpc.raw_output_contents[0], "<f4").reshape(3, -1),
+                expected,
+                atol=1e-5,
+            )
+    finally:
+        standard.process.terminate()
+        assert standard.process.wait(60) == 0
