@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import gc
 import logging
 import threading
 import time
@@ -107,6 +108,14 @@ class DecodeBudget:
 
 def _mib(nbytes: int) -> str:
     return f"{nbytes / MiB:,.0f}" if nbytes >= MiB else f"{nbytes / MiB:.2f}"
+
+
+def release_unloaded() -> None:
+    """After a model version is unloaded: collect what only cycles still hold of it (a started
+    server's collector runs its full collections rarely: service.loops), then give the freed
+    pages back (`release_freed_memory`)."""
+    gc.collect()
+    release_freed_memory()
 
 
 def release_freed_memory() -> None:

@@ -489,7 +489,7 @@ class Engine(Core):
             self.metrics.forget(name, version)
             del model  # the last reference: its session and arena are freed here...
         loop = asyncio.get_running_loop()  # ...and given back to the system, off the loop
-        await loop.run_in_executor(self._loader, memory.release_freed_memory)
+        await loop.run_in_executor(self._loader, memory.release_unloaded)
         log.info("unloaded model %r version %d (%s)", name, version, why)
 
     async def _retire(self, model: LoadedModel) -> None:

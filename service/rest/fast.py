@@ -68,9 +68,11 @@ class FastInfer:
         head.append((b"content-length", str(len(content)).encode()))
         if exchange is not None:  # the head waits for the body: one write for both
             exchange.one_write = True
-        await send({"type": "http.response.start", "status": status, "headers": head})
-        if exchange is not None:
-            exchange.one_write = False  # (already, unless the client has gone)
+        try:
+            await send({"type": "http.response.start", "status": status, "headers": head})
+        finally:
+            if exchange is not None:
+                exchange.one_write = False  # (already, unless the head was not written)
         await send({"type": "http.response.body", "body": content})
 
 
