@@ -1,6 +1,6 @@
 """uvicorn's httptools protocol with the two limits it lacks against hostile clients, the size of
-a request's head (URL and headers) and the time the head may take to arrive, and a lingering
-close.
+a request's head (URL and headers) and the time the head may take to arrive, a lingering close,
+and what one request's handler and its connection tell each other (Exchange).
 
 Without the limits one client can grow a header without end (memory, and a quadratic URL join),
 or hold a connection open forever by sending one header byte now and then: uvicorn's keep-alive
@@ -15,6 +15,11 @@ the client reads it (it sees "connection reset" instead of 413). So the connecti
 sending, then reads and drops what the client still sends, until the client closes or LINGER_S
 pass, and only then closes. Only then: a connection closed between requests (idle keep-alive,
 shutdown) has nothing unread and closes at once.
+
+Each request's handler gets an `Exchange` in its scope: the connection marks it complete once
+the whole request has arrived (its body is then read with no timer), and the handler may ask
+that the answer's head wait for its body, so both leave in one write. The head's timer, too, is
+armed only for a head that did not arrive whole: most requests arm no timer at all.
 """
 
 from __future__ import annotations
